@@ -1,0 +1,4 @@
+"""LoRA Studio's training engine: plain Python, usable alone (CLI: `python -m trainer`), never imports the UI.
+
+Submodules are imported where used; importing `trainer` itself loads nothing heavy.
+"""

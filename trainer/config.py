@@ -1,0 +1,270 @@
+"""The run configuration: one typed tree of dataclasses, read from and written to TOML.
+
+A preset (presets/*.toml) is a sparse override of these defaults; a run config is a preset plus the user's
+overrides. An unknown key or a value of the wrong kind is a ConfigError that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = PROJECT_ROOT / "presets"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = ""  # a diffusers folder or a single .safetensors/.ckpt file; "" = the built-in demo model
+    family: str = "auto"  # auto | sd1 | sd2 | sd2-v | sdxl: auto reads it from the weights; set it only to override
+    clip_skip: int = 1  # 2 = condition on the penultimate CLIP layer (anime SD 1.x models); SDXL always uses penultimate
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # a folder of images + captions, a parent of kohya `N_name` folders, or a dataset .toml
+    caption_extension: str = ".txt"  # .caption files are accepted too when no file with this extension exists
+    caption_lines: str = "first"  # first | random: random picks one line of a multi-line caption each step
+    trigger_word: str = ""  # prepended once to every caption (never twice); it stays first when tags are shuffled
+    shuffle_tags: bool = False  # shuffle comma-separated tags each epoch, keeping the first keep_tokens in place
+    keep_tokens: int = 0  # tags kept in place when shuffling, counted after the trigger word
+    caption_dropout: float = 0.0  # probability of training a step on an empty caption (helps CFG)
+    tag_dropout: float = 0.0  # probability of dropping each tag (not the kept ones)
+    resolution: int = 512  # bucket pixel budget is resolution²
+    min_bucket_reso: int = 0  # smallest bucket side; 0 = resolution / 2 (256 at 512, kohya's default)
+    max_bucket_reso: int = 0  # largest bucket side; 0 = resolution × 2 (1024 at 512)
+    bucket_step: int = 64  # 64 works for every family; 32 is allowed for SDXL
+    no_upscale: bool = False  # True: small images get smaller buckets instead of being upscaled
+    crop: str = "center"  # center | random (random disables the latent cache: each epoch sees a new crop)
+    flip: bool = False  # random horizontal flip; both flips are cached
+    background: str = "white"  # colour that transparent pixels are composited on
+    repeats: int = 1  # repeats of a plain folder (kohya N_name folders carry their own)
+    prior_loss_weight: float = 1.0  # loss weight of regularisation images
+    cache_latents: str = "auto"  # auto | disk | off: auto = on disk whenever augmentation allows it
+
+
+    def bucket_range(self) -> tuple[int, int]:
+        low = self.min_bucket_reso or max(self.bucket_step, self.resolution // 2)
+        return low, self.max_bucket_reso or self.resolution * 2
+
+
+@dataclass
+class NetworkConfig:
+    rank: int = 16  # the LoRA dimension r
+    alpha: float = 8.0  # update scale is alpha / rank: alpha = rank/2 keeps kohya's usual strength
+    dropout: float = 0.0  # dropout on the LoRA branch input
+    train_text_encoder: bool = True  # False: UNet-only LoRA (text-encoder outputs can then be cached)
+    init_weights: str = "gaussian"  # gaussian | zeros | kaiming; up (lora_B) always starts at zero
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (adaptive: set lr = 1.0)
+    learning_rate: float = 1e-4
+    unet_lr: float = 0.0  # 0 = use learning_rate
+    text_encoder_lr: float = 0.0  # 0 = use learning_rate; half the UNet rate is a common choice for AdamW
+    weight_decay: float = 1e-2
+    scheduler: str = "constant"  # constant | constant_with_warmup | cosine | cosine_with_restarts | linear
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000  # optimiser steps; ignored when epochs > 0
+    epochs: int = 0  # 0 = train for `steps`
+    batch_size: int = 1  # per process; the global batch is batch_size × processes × grad_accum
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16: auto = bf16 where the hardware has it, else fp16 on CUDA, else no
+    gradient_checkpointing: bool = False  # trades ~30% speed for much less activation memory
+    seed: int = 42
+    min_snr_gamma: float = 0.0  # 5.0 is the paper's value; 0 disables
+    noise_offset: float = 0.0  # 0.05-0.1 helps very dark/bright images
+    cache_text_encoder_outputs: str = "auto"  # auto | off: auto = cached when the text encoder is frozen and captions are fixed
+
+
+@dataclass
+class SampleConfig:
+    every_n_steps: int = 0  # 0 = no samples during training (one is still made at the end if prompts exist)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    seed: int = 1234  # sample i uses seed + i, the same at every step, so pictures are comparable
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 0  # 0 = data.resolution
+    height: int = 0
+
+
+@dataclass
+class OutputConfig:
+    name: str = "my-lora"  # file stem; no ':' or ',' (A1111's <lora:name:w> syntax splits on them)
+    lora_dir: str = "models/Lora"  # where the finished .safetensors goes
+    run_dir: str = ""  # checkpoints, samples, events.jsonl; "" = runs/<name>
+    save_every_n_steps: int = 0
+    save_every_n_epochs: int = 0
+    save_precision: str = "fp16"  # fp16 | fp32 for lora_up/lora_down (alpha is always fp32)
+    format: str = "kohya"  # kohya | diffusers (diffusers-format files do not load in A1111/ComfyUI)
+    comment: str = ""  # written as ss_training_comment
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def output_path(self) -> Path:
+        return Path(self.output.lora_dir) / f"{self.output.name}.safetensors"
+
+    def run_path(self) -> Path:
+        return Path(self.output.run_dir or f"runs/{self.output.name}")
+
+
+# String choices, checked in validate(). Keeping them here (not scattered) gives one place to extend.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.family": ("auto", "sd1", "sd2", "sd2-v", "sdxl"),
+    "data.crop": ("center", "random"),
+    "data.caption_lines": ("first", "random"),
+    "data.cache_latents": ("auto", "disk", "off"),
+    "network.init_weights": ("gaussian", "zeros", "kaiming"),
+    "optimizer.optimizer": ("adamw", "adamw8bit", "prodigy"),
+    "optimizer.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
+    "training.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "training.cache_text_encoder_outputs": ("auto", "off"),
+    "output.save_precision": ("fp16", "fp32"),
+    "output.format": ("kohya", "diffusers"),
+}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one TOML value against its field type; ints are accepted where floats are expected."""
+    if get_origin(typ) is list:
+        (inner,) = get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"`{key}` must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"`{key}` must be a whole number, got {value!r}")
+    if typ in (float, str) and not isinstance(value, typ):
+        raise ConfigError(f"`{key}` must be a {typ.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in overrides.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key `{full}`; allowed here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{full}` is a section; write it as [{full}] with keys {', '.join(f.name for f in dataclasses.fields(current))}")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"`{key}` = {value!r} is not one of: {', '.join(allowed)}")
+    positive = {"network.rank": cfg.network.rank, "training.batch_size": cfg.training.batch_size,
+                "training.grad_accum": cfg.training.grad_accum, "data.resolution": cfg.data.resolution,
+                "data.bucket_step": cfg.data.bucket_step, "data.repeats": cfg.data.repeats}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"`{key}` should be a positive integer but the value passed is {value}")
+    if cfg.network.alpha <= 0:
+        raise ConfigError(f"`network.alpha` must be > 0 (the usual choice is rank/2 or rank), got {cfg.network.alpha}")
+    if cfg.training.steps <= 0 and cfg.training.epochs <= 0:
+        raise ConfigError("set `training.steps` or `training.epochs` to a positive number")
+    for key in ("caption_dropout", "tag_dropout"):
+        if not 0.0 <= getattr(cfg.data, key) < 1.0:
+            raise ConfigError(f"`data.{key}` must be in [0, 1), got {getattr(cfg.data, key)}")
+    if not 0.0 <= cfg.network.dropout < 1.0:
+        raise ConfigError(f"`network.dropout` must be in [0, 1), got {cfg.network.dropout}")
+    if cfg.data.resolution % cfg.data.bucket_step:
+        raise ConfigError(f"`data.resolution` ({cfg.data.resolution}) must be a multiple of `data.bucket_step` ({cfg.data.bucket_step})")
+    if cfg.data.bucket_step not in (32, 64):
+        raise ConfigError(f"`data.bucket_step` must be 64 (or 32 for SDXL), got {cfg.data.bucket_step}")
+    o = cfg.optimizer
+    if o.optimizer == "prodigy" and {o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate} != {o.learning_rate}:
+        raise ConfigError("Prodigy adapts one step size for all parameters: leave `optimizer.unet_lr` and "
+                          "`optimizer.text_encoder_lr` at 0 and set `optimizer.learning_rate` (1.0 is the norm)")
+    bad = [c for c in ":,/\\" if c in cfg.output.name]
+    if not cfg.output.name or bad:
+        raise ConfigError(f"`output.name` = {cfg.output.name!r} must be a non-empty file stem without {' '.join(bad or [':', ','])} "
+                          "(A1111's <lora:name:weight> syntax splits on ':' and ',')")
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(known) or '(none)'}")
+    return path
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+
+
+def build_config(*layers: dict[str, Any]) -> TrainConfig:
+    """Defaults, then each layer of overrides in order (preset, config file, command line)."""
+    cfg = TrainConfig()
+    for layer in layers:
+        layer = dict(layer)
+        preset = layer.pop("preset", None)
+        if preset:
+            _apply(cfg, read_toml(preset_path(preset)))
+        _apply(cfg, layer)
+    return validate(cfg)
+
+
+def load_config(path: str | Path, *extra: dict[str, Any]) -> TrainConfig:
+    """A run config file; a top-level `preset = "name"` key in it is applied first."""
+    return build_config(read_toml(path), *extra)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(cfg.to_toml(), encoding="utf-8")
+    tmp.replace(path)
