@@ -1,0 +1,174 @@
+"""The kohya export, checked against the format rules (formats.md) and against diffusers' own loader."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import tiny_models
+from trainer.config import TrainConfig
+from trainer.lora_file import inspect_lora, read_lora, save_lora, text_encoder_prefixes, to_diffusers, to_kohya
+from trainer.metadata import RunInfo, build_metadata
+from trainer.network import add_lora, lora_state
+
+KEY_RULE = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+EXPECTED = {"sd1": {"unet": 192, "te": 72}, "sdxl": {"unet": 722, "te1": 72, "te2": 192}}
+TE_PROJ = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
+
+
+def trained_pipeline(family: str, rank=4, alpha=2.0):
+    """A tiny pipeline with LoRA adapters whose up weights are non-zero, as after training."""
+    pipe = tiny_models.pipeline(family)
+    cfg = TrainConfig()
+    cfg.network.rank, cfg.network.alpha = rank, alpha
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    add_lora(pipe.unet, encoders, cfg.network)
+    gen = torch.Generator().manual_seed(0)
+    for model in [pipe.unet, *encoders]:
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.05
+    return pipe, encoders, cfg
+
+
+def export(pipe, encoders, cfg, path, dtype=torch.float16, family="sd1"):
+    prefixes = text_encoder_prefixes(len(encoders))
+    parts = {"lora_unet_": lora_state(pipe.unet), **{p: lora_state(te) for p, te in zip(prefixes, encoders)}}
+    version, arch = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora") if family == "sdxl" else ("sd_v1", "stable-diffusion-v1/lora")
+    info = RunInfo(version, arch, "epsilon", "tiny", 10, 1, 3, 0.0, "no", "AdamW",
+                   {"10_shapes": {"red": 2}}, {"10_shapes": {"n_repeats": 10, "img_count": 3}}, {})
+    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), build_metadata(cfg, info, path.stem))
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def exported(request, tmp_path_factory):
+    family = request.param
+    pipe, encoders, cfg = trained_pipeline(family)
+    path = export(pipe, encoders, cfg, tmp_path_factory.mktemp(family) / f"my-{family}.safetensors", family=family)
+    return family, pipe, encoders, cfg, path
+
+
+def test_every_key_follows_the_kohya_rules(exported):
+    family, _, encoders, _, path = exported
+    tensors, _ = read_lora(path)
+    counts: dict[str, int] = {}
+    for key, t in tensors.items():
+        assert KEY_RULE.match(key), key
+        module, leaf = key.split(".", 1)
+        if leaf == "alpha":
+            assert t.dim() == 0 and t.dtype == torch.float32 and float(t) == 2.0
+        else:
+            assert t.dtype == torch.float16
+        if leaf == "lora_down.weight":
+            part = module.split("_")[1]
+            counts[part] = counts.get(part, 0) + 1
+    assert counts == EXPECTED[family]
+    # Text-encoder names: the long form A1111 and ComfyUI match, built here from the layer count alone.
+    for prefix, te in zip(text_encoder_prefixes(len(encoders)), encoders):
+        layers = te.config.num_hidden_layers
+        want = {f"{prefix}text_model_encoder_layers_{i}_{p}" for i in range(layers) for p in TE_PROJ}
+        got = {k.split(".")[0] for k in tensors if k.startswith(prefix)}
+        assert got == want
+
+
+def test_unet_names_are_diffusers_module_paths(exported):
+    family, _, _, _, path = exported
+    fresh = tiny_models.pipeline(family).unet
+    linear_paths = {n.replace(".", "_") for n, m in fresh.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    tensors, _ = read_lora(path)
+    names = {k.split(".")[0][len("lora_unet_"):] for k in tensors if k.startswith("lora_unet_")}
+    assert names <= linear_paths
+
+
+def test_metadata(exported):
+    family, _, _, _, path = exported
+    tensors, meta = read_lora(path)
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["ss_output_name"] == path.stem
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0
+    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert json.loads(meta["ss_tag_frequency"]) == {"10_shapes": {"red": 2}}
+    assert "lora_adapter_metadata" not in meta
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_diffusers_loader_consumes_every_key_and_reproduces_our_model(exported, tmp_path):
+    family, pipe, encoders, cfg, _ = exported
+    path = export(pipe, encoders, cfg, tmp_path / "fp32.safetensors", dtype=torch.float32, family=family)
+    fresh = tiny_models.pipeline(family)  # same seed: the same base weights
+    fresh.load_lora_weights(str(path), adapter_name="ours")
+    tensors, _ = read_lora(path)
+    # Every module in the file became a LoRA layer with our weights and scaling alpha / r.
+    n_layers = 0
+    for part, model in [("unet", fresh.unet), ("te", fresh.text_encoder)] + (
+            [("te2", fresh.text_encoder_2)] if family == "sdxl" else []):
+        prefix = {"unet": "lora_unet_", "te": text_encoder_prefixes(len(encoders))[0]}.get(part, "lora_te2_")
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "ours" in module.lora_A:
+                n_layers += 1
+                kohya = prefix + (name if prefix == "lora_unet_" or name.startswith("text_model.") else "text_model." + name).replace(".", "_")
+                assert torch.equal(module.lora_A["ours"].weight.reshape(-1), tensors[f"{kohya}.lora_down.weight"].reshape(-1))
+                assert module.scaling["ours"] == pytest.approx(2.0 / 4)
+    assert n_layers == sum(EXPECTED[family].values())
+    # The loaded pipeline's UNet gives the same output as our in-memory trained UNet.
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([500])
+    ctx = torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    added = None
+    if family == "sdxl":
+        added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        ours = pipe.unet(x, t, ctx, added_cond_kwargs=added).sample
+        theirs = fresh.unet(x, t, ctx, added_cond_kwargs=added).sample
+        base = tiny_models.pipeline(family).unet(x, t, ctx, added_cond_kwargs=added).sample
+    assert not torch.allclose(ours, base, atol=1e-4)  # the LoRA changes the output…
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)  # …and the file reproduces it
+    # And the text encoder.
+    ids = torch.randint(0, 49406, (1, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.text_encoder(ids).last_hidden_state, encoders[0](ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_diffusers_format_export_is_labelled_and_loads(tmp_path):
+    pipe, encoders, cfg = trained_pipeline("sd1")
+    parts = {"unet": lora_state(pipe.unet), "text_encoder": lora_state(encoders[0])}
+    path = save_lora(tmp_path / "d.safetensors", to_diffusers(parts), {"lora_studio.format": "diffusers"})
+    info = inspect_lora(path)
+    assert info["format"] == "diffusers" and info["family"] == "sd1"
+    fresh = tiny_models.pipeline("sd1")
+    fresh.load_lora_weights(str(path), adapter_name="d")
+    n = sum(1 for _, m in fresh.unet.named_modules() if hasattr(m, "lora_A") and "d" in m.lora_A)
+    assert n == 192
+
+
+def test_inspect_reports_family_rank_alpha_counts(exported):
+    family, _, _, _, path = exported
+    info = inspect_lora(path)
+    assert info["format"] == "kohya" and info["family"] == family
+    assert info["rank"] == 4 and info["alpha"] == 2.0
+    assert info["modules"] == EXPECTED[family]
+
+
+def test_family_from_keys_without_metadata(exported, tmp_path):
+    family, _, _, _, path = exported
+    tensors, _ = read_lora(path)
+    bare = save_lora(tmp_path / "bare.safetensors", tensors, {})
+    assert inspect_lora(bare)["family"] == family
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
+    path = save_lora(tmp_path / "x.safetensors", {"a.alpha": torch.tensor(1.0)}, {"k": "v"})
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["k"] == "v"

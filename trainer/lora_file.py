@@ -1,0 +1,179 @@
+"""LoRA files: kohya key conversion, atomic save with metadata, reading and inspecting files from anywhere.
+
+The kohya ("networks.lora") format is what AUTOMATIC1111, ComfyUI and diffusers all load (../shared/formats.md):
+`<prefix><module path with "." → "_">.{lora_down.weight, lora_up.weight, alpha}`, alpha a 0-dim float32 tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_bytes
+
+# Keys a plain-LoRA kohya file must never hold: diffusers raises on them (formats.md, "Pitfalls").
+FORBIDDEN_KEY_PARTS = ("lora_A", "lora_B", "lora_mid", "dora_scale", "bundle_emb", "text_projection")
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be read or used; the message names the file."""
+
+
+def text_encoder_prefixes(n_encoders: int) -> list[str]:
+    # SDXL needs te1/te2: A1111 silently ignores `lora_te_` on SDXL.
+    return ["lora_te_"] if n_encoders == 1 else ["lora_te1_", "lora_te2_"]
+
+
+def kohya_module_name(prefix: str, module_path: str) -> str:
+    """`encoder.layers.0.self_attn.q_proj` → `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
+
+    transformers 5 dropped the `text_model.` level from CLIPTextModel's paths, but A1111 and ComfyUI only match
+    the long form, so text-encoder names always carry `text_model_`.
+    """
+    if prefix.startswith("lora_te") and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return prefix + module_path.replace(".", "_")
+
+
+def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """PEFT states (`{prefix: {"<path>.lora_A.weight": …}}`) → one kohya state dict."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, state in parts.items():
+        for key, tensor in state.items():
+            path, kind = key.rsplit(".lora_", 1)
+            name = kohya_module_name(prefix, path)
+            role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
+            out[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def to_diffusers(parts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """PEFT states (`{"unet"|"text_encoder"|"text_encoder_2": {...}}`) → diffusers' `unet.<path>.lora_A.weight` layout."""
+    return {f"{component}.{key}": t.detach().to("cpu", dtype).contiguous()
+            for component, state in parts.items() for key, t in state.items()}
+
+
+def tensor_hash(data: bytes) -> str:
+    """sha256 of the bytes after the safetensors header: A1111's `sshs_model_hash`, unchanged by metadata edits."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + header_len:]).hexdigest()
+
+
+def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write atomically: a temporary name in the same folder, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
+    assert not bad, f"safetensors metadata must be str→str: {bad}"
+    metadata = dict(metadata)
+    metadata["sshs_model_hash"] = tensor_hash(save_bytes(tensors, metadata=metadata))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(save_bytes(tensors, metadata=metadata))
+    os.replace(tmp, path)
+    return path
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise LoraFileError(f"{path}: only .safetensors LoRA files are read (pickled .pt/.ckpt files can run code)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise LoraFileError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from e
+
+
+def detect_format(keys: list[str]) -> str:
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        if any(".hada_w1_a" in k for k in keys):
+            return "loha"
+        if any(".lokr_w1" in k for k in keys):
+            return "lokr"
+        return "kohya"
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+METADATA_FAMILY = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+
+
+def detect_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sd1 | sd2 | sdxl | unknown — from metadata when present, else from the key topology (width-independent)."""
+    if metadata.get("ss_base_model_version") in METADATA_FAMILY:
+        family = METADATA_FAMILY[metadata["ss_base_model_version"]]
+        return "sd2" if family == "sd1" and metadata.get("ss_v2") == "True" else family
+    arch = metadata.get("modelspec.architecture", "")
+    for marker, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
+        if arch.startswith(marker):
+            return family
+    keys = [k.replace(".", "_") for k in tensors]
+    if any(("te2_" in k or "text_encoder_2" in k or "input_blocks_4_1" in k) for k in keys):
+        return "sdxl"
+    # SD 1.x/2.x have attentions in down block 0; SDXL's first down block has none.
+    if any("down_blocks_1_attentions_0_transformer_blocks_1" in k for k in keys):
+        return "sdxl"
+    proj_in = [t for k, t in tensors.items() if "down_blocks_0_attentions_0_proj_in" in k.replace(".", "_") and t.dim() > 1]
+    if proj_in:  # SD 1.x proj_in is a 1x1 conv (4-D weights), SD 2.x a Linear.
+        return "sd1" if proj_in[0].dim() == 4 else "sd2"
+    return "unknown"
+
+
+def inspect_lora(path: str | Path) -> dict:
+    """What a user wants to know about a LoRA file: format, family, rank, alpha, module counts, metadata."""
+    tensors, metadata = read_lora(path)
+    fmt = detect_format(list(tensors))
+    modules: Counter[str] = Counter()
+    ranks: Counter[int] = Counter()
+    alphas: Counter[float] = Counter()
+    for key, t in tensors.items():
+        module, _, leaf = key.partition(".")
+        if fmt == "kohya":
+            part = module.split("_")[1]  # unet | te | te1 | te2
+            if leaf == "lora_down.weight":
+                modules[part] += 1
+                ranks[t.shape[0]] += 1
+            elif leaf == "alpha":
+                alphas[round(float(t), 6)] += 1
+        elif key.endswith(("lora_A.weight", "lora.down.weight")):
+            modules[module] += 1
+            ranks[t.shape[0]] += 1
+    rank = ranks.most_common(1)[0][0] if ranks else None
+    # A file without alpha tensors means scale 1.0 in every loader, i.e. alpha = rank.
+    alpha = alphas.most_common(1)[0][0] if alphas else (float(rank) if rank else None)
+    return {
+        "path": str(path),
+        "format": fmt,
+        "family": detect_family(tensors, metadata),
+        "rank": rank,
+        "alpha": alpha,
+        "modules": dict(modules),
+        "tensors": len(tensors),
+        "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
+        "metadata": metadata,
+        "trigger_words": trigger_words(metadata),
+    }
+
+
+def trigger_words(metadata: dict[str, str]) -> list[str]:
+    if metadata.get("modelspec.trigger_phrase"):
+        return [metadata["modelspec.trigger_phrase"]]
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        return []
+    tags: Counter[str] = Counter()
+    for folder in freq.values():
+        tags.update(folder)
+    return [t for t, _ in tags.most_common(5)]
