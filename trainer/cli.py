@@ -1,0 +1,179 @@
+"""`python -m trainer train | generate | inspect | dataset` — the contract the UI, users and tests share.
+
+A small surface on purpose: the command line sets the few things people change per run; everything else
+lives in presets and config files (an argparse flag for everything becomes a widget for everything).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, build_config, read_toml
+
+
+def _train_overrides(args) -> dict:
+    """Short-form flags → a sparse override layer, the same shape as a TOML file."""
+    layer: dict = {}
+
+    def put(section: str, key: str, value) -> None:
+        if value is not None:
+            layer.setdefault(section, {})[key] = value
+
+    put("model", "base_model", args.base_model)
+    put("data", "dataset", args.dataset)
+    put("data", "resolution", args.resolution)
+    put("data", "trigger_word", args.trigger_word)
+    put("network", "rank", args.rank)
+    put("network", "alpha", args.alpha)
+    put("network", "train_text_encoder", args.train_text_encoder)
+    put("optimizer", "learning_rate", args.lr)
+    put("optimizer", "optimizer", args.optimizer)
+    put("training", "steps", args.steps)
+    put("training", "epochs", args.epochs)
+    put("training", "batch_size", args.batch_size)
+    put("training", "seed", args.seed)
+    put("training", "mixed_precision", args.mixed_precision)
+    if args.output:
+        out = Path(args.output)
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"--output {out}: the LoRA file must end in .safetensors")
+        put("output", "name", out.stem)
+        put("output", "lora_dir", str(out.parent))
+    put("output", "run_dir", args.run_dir)
+    return layer
+
+
+def cmd_train(args) -> int:
+    from .loop import train
+
+    layers = []
+    if args.preset:
+        layers.append({"preset": args.preset})
+    if args.config:
+        layers.append(read_toml(args.config))
+    layers.append(_train_overrides(args))
+    cfg = build_config(*layers)
+    if not cfg.data.dataset:
+        raise ConfigError("no dataset: pass --dataset DIR or set [data] dataset in the config")
+    out = train(cfg, resume=args.resume)
+    if out is None:
+        print("stopped; a checkpoint was saved — continue with the same command plus --resume")
+    else:
+        print(f"saved {out}")
+    return 0
+
+
+def _lora_arg(item: str):
+    """FILE[:WEIGHT]; a path that itself holds ':' (C:\\…) without a weight stays whole."""
+    from .generate import LoraSpec
+
+    path, sep, weight = item.rpartition(":")
+    try:
+        return LoraSpec(path, float(weight)) if sep else LoraSpec(item)
+    except ValueError:
+        return LoraSpec(item)
+
+
+def cmd_generate(args) -> int:
+    from .generate import Generator, LoraSpec
+    from .models import default_base_model
+
+    specs = [_lora_arg(item) for item in args.lora or []]
+    gen = Generator(lora_dirs=[Path(s.path).parent for s in specs] + [Path("models/Lora")])
+    gen.load(args.base_model or default_base_model())
+    image = gen.generate(args.prompt, specs, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                         cfg=args.cfg, width=args.width or 0, height=args.height or 0, sampler=args.sampler)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .lora_file import inspect_lora
+
+    info = inspect_lora(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}\n  format: {info['format']}\n  family: {info['family']}\n  rank: {info['rank']}"
+          f"  alpha: {info['alpha']}  dtype: {info['dtype']}\n  modules: {info['modules']}  tensors: {info['tensors']}")
+    if info["trigger_words"]:
+        print(f"  trigger words: {', '.join(info['trigger_words'])}")
+    for key, value in sorted(info["metadata"].items()):
+        text = value if len(value) < 120 else value[:117] + "..."
+        print(f"  {key}: {text}")
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    from .data import run_dataset_command
+
+    return run_dataset_command(args.dir, caption_extension=args.caption_extension, resolution=args.resolution,
+                               trigger_word=args.trigger_word or "")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Studio training engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA")
+    t.add_argument("--config", help="a run config .toml (a top-level `preset = \"name\"` is applied first)")
+    t.add_argument("--preset", help="a preset name from presets/ (style, character, sdxl-style, low-memory, demo)")
+    t.add_argument("--base-model", help="diffusers folder or .safetensors checkpoint (default: the demo model)")
+    t.add_argument("--dataset", help="image folder, kohya N_name parent folder, or dataset .toml")
+    t.add_argument("--output", help="the LoRA file to write, e.g. models/Lora/my-style.safetensors")
+    t.add_argument("--run-dir", help="checkpoints, samples, events (default runs/<name>)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--rank", type=int)
+    t.add_argument("--alpha", type=float)
+    t.add_argument("--resolution", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--optimizer", help="adamw | adamw8bit | prodigy")
+    t.add_argument("--mixed-precision", help="auto | no | fp16 | bf16")
+    t.add_argument("--trigger-word")
+    t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate an image, optionally with LoRAs stacked")
+    g.add_argument("--base-model")
+    g.add_argument("--lora", action="append", help="FILE[:WEIGHT]; repeat to stack")
+    g.add_argument("--prompt", required=True, help="may contain <lora:name:weight>")
+    g.add_argument("--negative", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--sampler", default="euler")
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="family, format, rank, alpha, module counts and metadata of a LoRA file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("dataset", help="check an image set and print its report (exit 0 when usable)")
+    d.add_argument("dir")
+    d.add_argument("--caption-extension", default=".txt")
+    d.add_argument("--resolution", type=int, default=512)
+    d.add_argument("--trigger-word")
+    d.set_defaults(func=cmd_dataset)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # User-input errors: one clear line, no stack trace. Bugs still raise with their trace.
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,180 @@
+"""Generation: one cached base pipeline, LoRAs stacked as named adapters with separate UNet / text-encoder weights.
+
+Changing the LoRA mix never reloads the base model: adapters are loaded once per file and re-weighted with
+set_adapters, W' = W0 + Σ w_i · (alpha_i / r_i) · up_i @ down_i, as A1111 and ComfyUI compute it.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+from PIL import Image, ImageDraw
+
+from .conditioning import encode_text
+from .lora_file import LoraFileError, detect_family, read_lora
+
+SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm++_2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?(?::([-+0-9.eE]+))?>")
+
+
+class LoraFamilyError(ValueError):
+    """A LoRA trained for another model family than the loaded base model."""
+
+
+@dataclass
+class LoraSpec:
+    path: str
+    unet_weight: float = 1.0
+    te_weight: float | None = None  # None: the same as unet_weight
+
+    def weights(self) -> tuple[float, float]:
+        return self.unet_weight, self.unet_weight if self.te_weight is None else self.te_weight
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """A1111's `<lora:name:weight>` / `<lora:name:te_weight:unet_weight>` → (clean prompt, [(name, unet, te)])."""
+    found = []
+    for name, a, b in LORA_TAG.findall(prompt):
+        te = float(a) if a else 1.0
+        unet = float(b) if b else te
+        found.append((name.strip(), unet, te))
+    return re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,"), found
+
+
+def base_kind(family_name: str) -> str:
+    return "sd2" if family_name.startswith("sd2") else family_name
+
+
+def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, noise_scheduler, sampler: str = "euler"):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    cls, extra = SAMPLERS[sampler]
+    scheduler = cls.from_config(noise_scheduler.config, **extra)
+    if len(text_encoders) == 2:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@torch.no_grad()
+def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+           width: int = 512, height: int = 512, clip_skip: int = 1) -> Image.Image:
+    """One image; our own text encoding (shared with training) so clip_skip works on every family."""
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
+    emb, pooled = encode_text(encoders, tokenizers, [prompt], clip_skip)
+    neg, neg_pooled = encode_text(encoders, tokenizers, [negative_prompt], clip_skip)
+    if pooled is not None and not negative_prompt:  # SDXL's base config: zeros for an empty negative prompt
+        neg, neg_pooled = torch.zeros_like(neg), torch.zeros_like(neg_pooled)
+    dtype = pipe.unet.dtype
+    kwargs = dict(prompt_embeds=emb.to(dtype), negative_prompt_embeds=neg.to(dtype), num_inference_steps=steps,
+                  guidance_scale=cfg, width=width, height=height,
+                  generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+    if pooled is not None:
+        kwargs.update(pooled_prompt_embeds=pooled.to(dtype), negative_pooled_prompt_embeds=neg_pooled.to(dtype))
+    return pipe(**kwargs).images[0]
+
+
+def grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
+    w, h = images[0].size
+    out = Image.new("RGB", (w * len(images), h + 20), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        out.paste(img, (i * w, 20))
+        draw.text((i * w + 4, 4), label, fill="black")
+    return out
+
+
+class Generator:
+    """Keeps one base pipeline; LoRA files become named adapters, loaded once each."""
+
+    def __init__(self, lora_dirs: list[str | Path] = ()):
+        self.lora_dirs = [Path(d) for d in lora_dirs]
+        self.base_path: Path | None = None
+        self.pipe = None
+        self.family = None
+        self.loads = 0  # base-model loads, for tests and the UI's status line
+        self._adapters: dict[str, str] = {}  # file path → adapter name
+
+    def load(self, base_model: str | Path) -> None:
+        from .models import load_base_model  # here, so that importing generate stays light
+
+        path = Path(base_model).resolve()
+        if self.pipe is not None and path == self.base_path:
+            return
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        base = load_base_model(path, dtype=dtype)
+        self.pipe = make_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
+        self.pipe.to(device)
+        self.base_path, self.family, self._adapters = path, base.family, {}
+        self.loads += 1
+
+    def resolve(self, name: str) -> Path:
+        """A `<lora:name:…>` name → a file in the LoRA folders."""
+        for folder in self.lora_dirs:
+            for candidate in (folder / f"{name}.safetensors", folder / name):
+                if candidate.is_file():
+                    return candidate
+        where = ", ".join(str(d) for d in self.lora_dirs) or "(no LoRA folder configured)"
+        raise LoraFileError(f"<lora:{name}:…> names no file; looked for {name}.safetensors in {where}")
+
+    def set_loras(self, loras: list[LoraSpec]) -> None:
+        assert self.pipe is not None, "load() a base model first"
+        names, weights = [], []
+        for spec in loras:
+            path = str(Path(spec.path).resolve())
+            if path not in self._adapters:
+                tensors, metadata = read_lora(path)
+                family = detect_family(tensors, metadata)
+                if family != "unknown" and family != base_kind(self.family.name):
+                    raise LoraFamilyError(
+                        f"{Path(path).name} is a {family} LoRA but the base model {self.base_path.name} is "
+                        f"{self.family.name}: pick a {family} base model, or a LoRA trained for {self.family.name}")
+                name = "l" + hashlib.sha1(path.encode()).hexdigest()[:10]
+                self.pipe.load_lora_weights(tensors, adapter_name=name)
+                self._adapters[path] = name
+            unet_w, te_w = spec.weights()
+            names.append(self._adapters[path])
+            part = {"unet": unet_w, "text_encoder": te_w}
+            if hasattr(self.pipe, "text_encoder_2"):
+                part["text_encoder_2"] = te_w
+            weights.append(part)
+        if names:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, adapter_weights=weights)
+        elif self._adapters:
+            self.pipe.disable_lora()
+
+    def generate(self, prompt: str, loras: list[LoraSpec] = (), negative_prompt: str = "", seed: int = 0,
+                 steps: int = 20, cfg: float = 7.0, width: int = 0, height: int = 0, sampler: str = "euler",
+                 clip_skip: int = 1) -> Image.Image:
+        prompt, tagged = parse_prompt_loras(prompt)
+        specs = list(loras) + [LoraSpec(str(self.resolve(n)), u, t) for n, u, t in tagged]
+        self.set_loras(specs)
+        cls, extra = SAMPLERS[sampler] if sampler in SAMPLERS else (None, None)
+        if cls is None:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra)
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return render(self.pipe, prompt, negative_prompt, seed, steps, cfg, width or size, height or size, clip_skip)
+
+    def sweep(self, prompt: str, lora: LoraSpec, weights=(0.0, 0.25, 0.5, 0.75, 1.0), **kwargs) -> tuple[Image.Image, list[Image.Image]]:
+        """The same seed at several weights of one LoRA, side by side."""
+        images = [self.generate(prompt, [LoraSpec(lora.path, w, w if lora.te_weight is None else lora.te_weight * w)], **kwargs)
+                  for w in weights]
+        return grid(images, [f"{w:g}" for w in weights]), images
