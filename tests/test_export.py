@@ -11,38 +11,14 @@ import torch
 from safetensors import safe_open
 
 import tiny_models
-from trainer.config import TrainConfig
-from trainer.lora_file import inspect_lora, read_lora, save_lora, text_encoder_prefixes, to_diffusers, to_kohya
-from trainer.metadata import RunInfo, build_metadata
-from trainer.network import add_lora, lora_state
+from tiny_models import export_kohya as export
+from tiny_models import lora_pipeline as trained_pipeline
+from trainer.lora_file import inspect_lora, read_lora, save_lora, text_encoder_prefixes, to_diffusers
+from trainer.network import lora_state
 
 KEY_RULE = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 EXPECTED = {"sd1": {"unet": 192, "te": 72}, "sdxl": {"unet": 722, "te1": 72, "te2": 192}}
 TE_PROJ = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
-
-
-def trained_pipeline(family: str, rank=4, alpha=2.0):
-    """A tiny pipeline with LoRA adapters whose up weights are non-zero, as after training."""
-    pipe = tiny_models.pipeline(family)
-    cfg = TrainConfig()
-    cfg.network.rank, cfg.network.alpha = rank, alpha
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    add_lora(pipe.unet, encoders, cfg.network)
-    gen = torch.Generator().manual_seed(0)
-    for model in [pipe.unet, *encoders]:
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = torch.randn(p.shape, generator=gen) * 0.05
-    return pipe, encoders, cfg
-
-
-def export(pipe, encoders, cfg, path, dtype=torch.float16, family="sd1"):
-    prefixes = text_encoder_prefixes(len(encoders))
-    parts = {"lora_unet_": lora_state(pipe.unet), **{p: lora_state(te) for p, te in zip(prefixes, encoders)}}
-    version, arch = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora") if family == "sdxl" else ("sd_v1", "stable-diffusion-v1/lora")
-    info = RunInfo(version, arch, "epsilon", "tiny", 10, 1, 3, 0.0, "no", "AdamW",
-                   {"10_shapes": {"red": 2}}, {"10_shapes": {"n_repeats": 10, "img_count": 3}}, {})
-    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), build_metadata(cfg, info, path.stem))
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])

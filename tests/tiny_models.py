@@ -96,3 +96,36 @@ def save_diffusers(family: str, path: str | Path, seed: int = 0) -> Path:
     """Write a tiny model as a diffusers folder (model_index.json + subfolders)."""
     pipeline(family, seed).save_pretrained(str(path))
     return Path(path)
+
+
+def lora_pipeline(family: str, rank: int = 4, alpha: float = 2.0, seed: int = 0):
+    """A tiny pipeline with LoRA adapters whose up weights are non-zero, as after training."""
+    from trainer.config import TrainConfig
+    from trainer.network import add_lora
+
+    pipe = pipeline(family)
+    cfg = TrainConfig()
+    cfg.network.rank, cfg.network.alpha = rank, alpha
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    add_lora(pipe.unet, encoders, cfg.network)
+    gen = torch.Generator().manual_seed(seed)
+    for model in [pipe.unet, *encoders]:
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.05
+    return pipe, encoders, cfg
+
+
+def export_kohya(pipe, encoders, cfg, path, dtype=torch.float16, family="sd1"):
+    """Write the pipeline's adapters as a kohya file, the way the trainer's export does."""
+    from trainer.lora_file import save_lora, text_encoder_prefixes, to_kohya
+    from trainer.metadata import RunInfo, build_metadata
+    from trainer.network import lora_state
+
+    prefixes = text_encoder_prefixes(len(encoders))
+    parts = {"lora_unet_": lora_state(pipe.unet), **{p: lora_state(te) for p, te in zip(prefixes, encoders)}}
+    version, arch = (("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora") if family == "sdxl"
+                     else ("sd_v1", "stable-diffusion-v1/lora"))
+    info = RunInfo(version, arch, "epsilon", "tiny", 10, 1, 3, 0.0, "no", "AdamW",
+                   {"10_shapes": {"red": 2}}, {"10_shapes": {"n_repeats": 10, "img_count": 3}}, {})
+    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), build_metadata(cfg, info, Path(path).stem))

@@ -1,0 +1,83 @@
+"""The config tree: TOML round trip, presets as sparse overrides, and errors that name the key and the fix."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from trainer.cli import _train_overrides, parser
+from trainer.config import PRESETS_DIR, ConfigError, TrainConfig, build_config, load_config, save_config
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = build_config({"network": {"rank": 8, "alpha": 4}, "sample": {"prompts": ["a", "b"]}})
+    save_config(cfg, tmp_path / "run.toml")
+    again = load_config(tmp_path / "run.toml")
+    assert again == cfg
+    assert isinstance(again.network.alpha, float)  # an int in TOML is accepted where a float is meant
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
+def test_every_preset_is_a_valid_sparse_override(preset):
+    cfg = build_config({"preset": preset})
+    raw = tomllib.loads((PRESETS_DIR / f"{preset}.toml").read_text())
+    defaults = TrainConfig().to_dict()
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value
+            # Sparse: a preset states a key only to change it.
+            assert defaults[section][key] != value, f"{preset}: {section}.{key} repeats the default"
+
+
+def test_every_preset_key_has_a_comment():
+    for path in PRESETS_DIR.glob("*.toml"):
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                assert "#" in line or line.strip().startswith("["), f"{path.name}: {line!r} has no comment"
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"network": {"rnak": 8}}, "unknown config key `network.rnak`; allowed here: rank, alpha"),
+    ({"netwrk": {}}, "unknown config key `netwrk`"),
+    ({"network": {"rank": "eight"}}, "`network.rank` must be a whole number, got 'eight'"),
+    ({"network": {"rank": 0}}, "`network.rank` should be a positive integer but the value passed is 0"),
+    ({"optimizer": {"optimizer": "sgd"}}, "`optimizer.optimizer` = 'sgd' is not one of: adamw, adamw8bit, prodigy"),
+    ({"training": {"mixed_precision": True}}, "`training.mixed_precision` must be a str"),
+    ({"data": {"caption_dropout": 1.5}}, "`data.caption_dropout` must be in [0, 1)"),
+    ({"data": {"resolution": 500}}, "must be a multiple of `data.bucket_step`"),
+    ({"output": {"name": "my:lora"}}, "without :"),
+    ({"network": 3}, "`network` is a section"),
+    ({"optimizer": {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 0.5}}, "Prodigy adapts one step size"),
+])
+def test_bad_values_name_the_key_and_the_fix(layer, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(layer)
+    assert message in str(e.value)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="available presets: .*style"):
+        build_config({"preset": "nope"})
+
+
+def test_layers_apply_in_order_preset_then_file_then_flags(tmp_path):
+    run = tmp_path / "run.toml"
+    run.write_text('preset = "style"\n[network]\nrank = 32\n')
+    args = parser().parse_args(["train", "--config", str(run), "--rank", "4", "--output", "out/x.safetensors"])
+    cfg = load_config(run, _train_overrides(args))
+    assert cfg.network.rank == 4  # the flag wins
+    assert cfg.training.steps == 1500  # from the preset
+    assert cfg.output.name == "x" and Path(cfg.output.lora_dir) == Path("out")
+
+
+def test_output_must_be_safetensors():
+    args = parser().parse_args(["train", "--output", "x.ckpt"])
+    with pytest.raises(ConfigError, match="must end in .safetensors"):
+        _train_overrides(args)
+
+
+def test_bucket_range_defaults_follow_the_resolution():
+    assert build_config({}).data.bucket_range() == (256, 1024)
+    assert build_config({"data": {"resolution": 1024}}).data.bucket_range() == (512, 2048)
+    assert build_config({"data": {"resolution": 64, "min_bucket_reso": 32}}).data.bucket_range() == (32, 128)
