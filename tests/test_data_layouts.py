@@ -117,7 +117,7 @@ def test_only_regularisation_images_is_not_enough(tmp_path):
     (dict(dataset=""), "no dataset chosen"),
     (dict(background="blu"), "`data.background` = 'blu' is not a colour"),
     (dict(caption_lines="all"), "`data.caption_lines`"),
-    (dict(resolution=2048), "`data.resolution` (2048) must lie between"),
+    (dict(resolution=2048, max_bucket_reso=1024), "`data.resolution` (2048) must lie between"),
 ])
 def test_bad_settings_are_named(tmp_path, cfg, phrase):
     images(tmp_path, ["a.png"])
