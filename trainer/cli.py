@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def cmd_train(args) -> int:
     if not cfg.data.dataset:
         raise ConfigError("no dataset: pass --dataset DIR or set [data] dataset in the config")
     out = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch only the first process reports
+        return 0
     if out is None:
         print("stopped; a checkpoint was saved — continue with the same command plus --resume")
     else:
