@@ -1,0 +1,44 @@
+"""Every failure of a UI action becomes a message in the page (gr.Error), never a stack-trace page.
+
+The engine raises exceptions whose text already names the file/value and the fix (ConfigError, DatasetError,
+ModelError, LoraFamilyError, ...): those are shown as they are. Anything unexpected is shown with its type and
+message plus a pointer to the terminal, where the full traceback is logged.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import gradio as gr
+
+log = logging.getLogger("app")
+
+# Exceptions that are the user's to fix: their message is the whole story.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+               IsADirectoryError, KeyError, LookupError)
+
+
+class UserError(ValueError):
+    """A refused UI action (bad upload, second training, ...); the message says what to do."""
+
+
+def shown_as_gr_error(fn):
+    """Decorator for event handlers: exceptions become gr.Error with a helpful message."""
+    action = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "action")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as e:
+            log.info("%s refused: %s", action, e)
+            message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            raise gr.Error(message, print_exception=False) from e
+        except Exception as e:  # noqa: BLE001 - the page must get a message, the terminal the trace
+            log.exception("%s failed", action)
+            raise gr.Error(f"{action.replace('_', ' ')} failed: {type(e).__name__}: {e}. "
+                           "The full error is in the terminal running the app; if it persists, report it "
+                           "with that text.", print_exception=False) from e
+    return wrapper

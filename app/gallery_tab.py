@@ -1,0 +1,268 @@
+"""The Gallery tab: the LoRAs in the models folder, their metadata, and generation with a mix of them.
+
+Functions first, then the layout (build_gallery_tab), then the event wiring at its end. Reading LoRA files and
+generating are the engine's (trainer.lora_file.inspect_lora, trainer.generate.Generator); the Generator keeps
+one base pipeline, so changing the LoRA mix never reloads the base model.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from app.errors import UserError, shown_as_gr_error
+from app.folders import Folders
+from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
+from trainer.lora_file import LoraFileError, inspect_lora
+
+SLOTS = 4  # LoRAs stacked at once from the pickers (more through <lora:name:w> in the prompt)
+PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp")  # A1111's conventions, in its order
+COLUMNS = ["name", "family", "rank", "alpha", "trigger words", "date", "format"]
+
+
+# ---- the LoRA list ----------------------------------------------------------------------------------------
+
+def preview_of(path: Path) -> Path | None:
+    stem = path.with_suffix("")
+    return next((Path(f"{stem}{s}") for s in PREVIEW_SUFFIXES if Path(f"{stem}{s}").is_file()), None)
+
+
+def _date(info: dict, path: Path) -> str:
+    meta = info.get("metadata", {})
+    for key in ("ss_training_finished_at", "ss_training_started_at"):
+        try:
+            return dt.datetime.fromtimestamp(float(meta[key])).strftime("%Y-%m-%d %H:%M")
+        except (KeyError, ValueError, OverflowError, OSError):
+            pass
+    if meta.get("modelspec.date"):
+        return meta["modelspec.date"][:16].replace("T", " ")
+    return dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+
+
+class LoraIndex:
+    """inspect_lora for every file in the LoRA folder, re-read only when a file changes."""
+
+    def __init__(self, folders: Folders):
+        self.folders = folders
+        self._cache: dict[Path, tuple[tuple[float, int], dict]] = {}
+
+    def label(self, path: Path) -> str:
+        return str(path.relative_to(self.folders.lora_dir).with_suffix(""))
+
+    def entries(self) -> list[dict]:
+        out = []
+        for path in self.folders.list_loras():
+            stat = path.stat()
+            stamp = (stat.st_mtime, stat.st_size)
+            cached = self._cache.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    info = inspect_lora(path)
+                except LoraFileError as e:  # listed, with the reason, rather than hidden
+                    info = {"format": "unreadable", "family": "?", "rank": None, "alpha": None,
+                            "trigger_words": [], "metadata": {}, "error": str(e)}
+                cached = (stamp, info)
+                self._cache[path] = cached
+            info = cached[1]
+            out.append({"path": str(path), "name": self.label(path), "family": info.get("family"),
+                        "rank": info.get("rank"), "alpha": info.get("alpha"),
+                        "trigger words": ", ".join(info.get("trigger_words") or []), "date": _date(info, path),
+                        "format": info.get("format"), "info": info, "preview": preview_of(path)})
+        return out
+
+
+def placeholder(folders: Folders) -> Path:
+    """A grey square for LoRAs without a preview image (the gallery needs an image per item)."""
+    path = folders.outputs_dir / "app-cache" / "no-preview.png"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (256, 256), (200, 200, 200)).save(path)
+    return path
+
+
+def list_loras(index: LoraIndex):
+    entries = index.entries()
+    blank = placeholder(index.folders)
+    items = [(str(e["preview"] or blank), e["name"]) for e in entries]
+    table = pd.DataFrame([{c: e[c] for c in COLUMNS} for e in entries], columns=COLUMNS)
+    choices = [(e["name"], e["path"]) for e in entries]
+    updates = [gr.update(choices=[("(none)", "")] + choices) for _ in range(SLOTS)]
+    return (items, table, [e["path"] for e in entries], gr.update(choices=choices), *updates,
+            f"{len(entries)} LoRA(s) in {index.folders.lora_dir}")
+
+
+def select_lora(index: LoraIndex, paths: list[str], position) -> tuple:
+    """A click in the gallery (position = item) or the table (position = [row, column])."""
+    row = position[0] if isinstance(position, (list, tuple)) else position
+    if row is None or row >= len(paths):
+        raise UserError("that LoRA is no longer listed: press Refresh")
+    entry = next((e for e in index.entries() if e["path"] == paths[row]), None)
+    if entry is None:
+        raise UserError(f"{paths[row]} was removed: press Refresh")
+    info = entry["info"]
+    details = (f"**{entry['name']}** — {entry['family']} LoRA, rank {entry['rank']}, alpha {entry['alpha']}, "
+               f"{entry['format']} format, {entry['date']}"
+               + (f"  \nTrigger words: `{entry['trigger words']}`" if entry["trigger words"] else "")
+               + (f"  \n⚠ {info['error']}" if info.get("error") else ""))
+    shown = {k: v for k, v in info.items() if k != "metadata"}
+    shown["metadata"] = info.get("metadata", {})
+    return details, shown, gr.update(value=entry["path"], visible=True), entry["path"]
+
+
+def add_to_mix(selected: str, *slot_values):
+    if not selected:
+        raise UserError("select a LoRA in the list first")
+    slots = list(slot_values)
+    if selected in slots:
+        raise UserError("that LoRA is already in the mix: change its weights below")
+    if "" not in slots and None not in slots:
+        raise UserError(f"all {SLOTS} slots are in use: clear one, or add more with <lora:name:weight> in the prompt")
+    free = next(i for i, v in enumerate(slots) if not v)
+    return [gr.update(value=selected) if i == free else gr.skip() for i in range(SLOTS)]
+
+
+# ---- generating -------------------------------------------------------------------------------------------
+
+def _save(folders: Folders, image: Image.Image, kind: str) -> str:
+    path = folders.generated_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{time.time_ns() % 1000000:06d}.png"
+    image.save(path)
+    return str(path)
+
+
+def _common(steps, cfg, width, height, seed, sampler) -> dict:
+    if not steps or steps < 1:
+        raise UserError("steps must be at least 1")
+    return dict(seed=int(seed), steps=int(steps), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
+                sampler=sampler)
+
+
+def generate(folders: Folders, gen: Generator, base, prompt, negative, seed, steps, cfg, width, height, sampler,
+             *slots):
+    if not base:
+        raise UserError("pick a base model first")
+    specs = []
+    for i in range(SLOTS):
+        path, unet_w, te_w = slots[3 * i: 3 * i + 3]
+        if path:
+            specs.append(LoraSpec(path, float(unet_w), float(te_w)))
+    _refuse_doubles(gen, prompt or "", specs)
+    t0 = time.time()
+    gen.load(base)
+    image = gen.generate(prompt or "", specs, negative or "", **_common(steps, cfg, width, height, seed, sampler))
+    took = time.time() - t0
+    return _save(folders, image, "gen"), (f"Generated in {took:.1f} s with {len(specs)} LoRA(s) from the pickers. "
+                                           f"Base model loads so far: {gen.loads}.")
+
+
+def _refuse_doubles(gen: Generator, prompt: str, specs: list[LoraSpec]) -> None:
+    """A LoRA both in a picker and in a <lora:…> tag would get one of the two weights, silently: refuse."""
+    picked = {str(Path(s.path).resolve()) for s in specs}
+    for name, _, _ in parse_prompt_loras(prompt)[1]:
+        if str(gen.resolve(name).resolve()) in picked:
+            raise UserError(f"the LoRA '{name}' is both in a picker and in the prompt (<lora:{name}:…>): "
+                            "keep one of the two")
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.replace(";", ",").split(",") if w.strip()]
+    except ValueError as e:
+        raise UserError(f"the weights {text!r} are not numbers: write them like 0, 0.25, 0.5, 0.75, 1") from e
+    if not weights or len(weights) > 12 or any(not -2 <= w <= 2 for w in weights):
+        raise UserError("give 1 to 12 weights between -2 and 2, like 0, 0.25, 0.5, 0.75, 1")
+    return weights
+
+
+def sweep(folders: Folders, gen: Generator, base, lora, weights_text, prompt, negative, seed, steps, cfg, width,
+          height, sampler):
+    if not base:
+        raise UserError("pick a base model first")
+    if not lora:
+        raise UserError("pick the LoRA to sweep")
+    weights = parse_weights(weights_text)
+    gen.load(base)
+    grid, _ = gen.sweep(prompt or "", LoraSpec(lora, 1.0, None), weights, negative_prompt=negative or "",
+                        **_common(steps, cfg, width, height, seed, sampler))
+    return _save(folders, grid, "sweep")
+
+
+# ---- layout and wiring ------------------------------------------------------------------------------------
+
+def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Generator) -> None:
+    """The Gallery tab's components and events (call inside `with demo:` and `with tab:`)."""
+    index = LoraIndex(folders)
+    bases = folders.base_models()
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                count = gr.Markdown()
+                refresh_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-loras")
+            previews = gr.Gallery(columns=5, height=300, allow_preview=False, label="LoRAs", elem_id="lora-gallery")
+            table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="lora-table")
+        with gr.Column(scale=2):
+            details = gr.Markdown("Select a LoRA to see its metadata.", elem_id="lora-details")
+            with gr.Row():
+                add_btn = gr.Button("Add to mix", elem_id="add-to-mix")
+                download = gr.DownloadButton("Download .safetensors", visible=False, elem_id="download-lora")
+            metadata = gr.JSON(label="Metadata", open=False, elem_id="lora-metadata")
+    paths = gr.State([])
+    selected = gr.State("")
+
+    gr.Markdown("### Generate")
+    base = gr.Dropdown(bases, value=bases[0][1], label="Base model", elem_id="gen-base-model")
+    slots = []
+    for i in range(SLOTS):
+        with gr.Row(equal_height=True):
+            slots.append(gr.Dropdown([("(none)", "")], value="", label=f"LoRA {i + 1}", scale=2,
+                                     elem_id=f"slot-{i}-lora"))
+            slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet weight", elem_id=f"slot-{i}-unet"))
+            slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Text-encoder weight", elem_id=f"slot-{i}-te"))
+    prompt = gr.Textbox(label="Prompt", info="A1111's <lora:name:weight> (or <lora:name:te:unet>) works here too",
+                        lines=2, elem_id="gen-prompt")
+    negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+    with gr.Row():
+        seed = gr.Number(1234, label="Seed", precision=0, elem_id="gen-seed")
+        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=150, elem_id="gen-steps")
+        cfg = gr.Number(7.0, label="CFG", minimum=0, maximum=30, elem_id="gen-cfg")
+        width = gr.Number(0, label="Width", info="0 = the model's size", precision=0, minimum=0, step=64)
+        height = gr.Number(0, label="Height", info="0 = the model's size", precision=0, minimum=0, step=64)
+        sampler = gr.Dropdown(list(SAMPLERS), value="euler", label="Sampler", elem_id="gen-sampler")
+    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+    gen_info = gr.Markdown(elem_id="gen-info")
+    image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="gen-image")
+
+    with gr.Accordion("Weight sweep: one LoRA at several weights, same seed", open=False):
+        with gr.Row():
+            sweep_lora = gr.Dropdown([], label="LoRA", elem_id="sweep-lora")
+            weights = gr.Textbox("0, 0.25, 0.5, 0.75, 1", label="Weights", elem_id="sweep-weights")
+            sweep_btn = gr.Button("Sweep", elem_id="sweep")
+        sweep_image = gr.Image(label="Sweep", type="filepath", interactive=False, elem_id="sweep-image")
+
+    # ---- wiring ----
+    listing = shown_as_gr_error(functools.partial(list_loras, index))
+    list_outputs = [previews, table, paths, sweep_lora, *[slots[3 * i] for i in range(SLOTS)], count]
+    for trigger in (refresh_btn.click, tab.select, demo.load):
+        trigger(listing, None, list_outputs, show_progress="hidden")
+
+    @shown_as_gr_error
+    def base_models_now():  # a reloaded page sees checkpoints added since the app started
+        return gr.update(choices=folders.base_models())
+    demo.load(base_models_now, None, base, show_progress="hidden")
+    @shown_as_gr_error
+    def picked(listed: list[str], evt: gr.SelectData):
+        return select_lora(index, listed, evt.index)
+
+    for source in (previews, table):
+        source.select(picked, paths, [details, metadata, download, selected])
+    add_btn.click(shown_as_gr_error(add_to_mix), [selected, *[slots[3 * i] for i in range(SLOTS)]],
+                  [slots[3 * i] for i in range(SLOTS)])
+    common = [prompt, negative, seed, steps, cfg, width, height, sampler]
+    generate_btn.click(shown_as_gr_error(functools.partial(generate, folders, gen)), [base, *common, *slots],
+                       [image, gen_info], concurrency_id="generate", concurrency_limit=1)
+    sweep_btn.click(shown_as_gr_error(functools.partial(sweep, folders, gen)), [base, sweep_lora, weights, *common],
+                    sweep_image, concurrency_id="generate", concurrency_limit=1)
