@@ -123,8 +123,10 @@ def get_family(name: str) -> Family:
 def _resolve(path) -> Path:
     path = default_base_model() if path in ("", None) else Path(path).expanduser()
     if not path.exists():
-        what = "the built-in demo model" if path == DEMO_MODEL_DIR else "base model"
-        raise ModelError(f"{path}: {what} not found; pick an existing .safetensors/.ckpt file or diffusers folder")
+        if path == DEMO_MODEL_DIR:
+            raise ModelError(f"{path}: the built-in demo model is not installed; build it with "
+                             "`python scripts/train_demo_base.py`, or choose a base model (--base-model PATH)")
+        raise ModelError(f"{path}: base model not found; pick an existing .safetensors/.ckpt file or diffusers folder")
     return path
 
 

@@ -1,0 +1,142 @@
+"""The synthetic shape world, its metrics and the committed demo datasets.
+
+The metrics are checked on pictures whose truth is known (rendered by the world, then blurred and noised like a
+generated picture); the datasets against a fresh regeneration.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from trainer.demo import metrics, world
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def degrade(image: Image.Image, seed: int) -> Image.Image:
+    """Blur and noise: what a small diffusion model's picture looks like next to a clean rendering."""
+    arr = np.asarray(image.filter(ImageFilter.GaussianBlur(0.8)), np.float32)
+    arr += np.random.default_rng(seed).normal(0, 6, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+# ---- the world -------------------------------------------------------------------------------------------------
+
+def test_scenes_and_pictures_are_deterministic():
+    a, b, c = world.scenes(12, 3), world.scenes(12, 3), world.scenes(12, 4)
+    assert a == b and a != c
+    assert all(np.array_equal(world.render_array(x), world.render_array(y)) for x, y in zip(a, b))
+
+
+def test_caption_says_the_scene():
+    scene = world.Scene("circle", "red", "white", 32, 32, 16)
+    assert world.caption(scene) == "a red circle on a white background"
+    assert world.caption(scene, shape_word="zorbo") == "a red zorbo on a white background"
+    for t in range(len(world.TEMPLATES)):
+        words = world.caption(world.Scene("cross", "purple", "gray", 32, 32, 16), t).replace(",", " ").split()
+        assert {"purple", "cross"} <= set(words) and ("gray" in words or t == len(world.TEMPLATES) - 1)
+
+
+@pytest.mark.parametrize("shape", world.FIGURES)
+def test_render_puts_the_colour_inside_and_the_background_outside(shape):
+    scene = world.Scene(shape, "blue", "gray", 30.0, 34.0, 18.0)
+    arr = np.round(world.render_array(scene) * 255)
+    assert tuple(arr[34, 30]) == world.COLOURS["blue"]  # the centre is inside every figure
+    assert tuple(arr[1, 1]) == world.BACKGROUNDS["gray"] and tuple(arr[62, 62]) == world.BACKGROUNDS["gray"]
+    if shape == "house":  # the door is cut out at the bottom middle
+        assert tuple(arr[int(34 + 0.8 * 18), 30]) == world.BACKGROUNDS["gray"]
+
+
+def test_stripes_alternate_colour_and_dark_shade_with_the_stated_period():
+    scene = world.Scene("square", "green", "white", 32, 32, 30, fill="stripes", phase=0.0)
+    arr = world.render_array(scene)
+    colour = np.asarray(world.COLOURS["green"]) / 255
+    for y in range(10, 54):
+        pos = (y + 0.5) % world.STRIPE_PERIOD
+        if abs(pos - world.STRIPE_PERIOD / 4) < 1:  # middle of a colour band
+            np.testing.assert_allclose(arr[y, 32], colour, atol=1e-6)
+        if abs(pos - 3 * world.STRIPE_PERIOD / 4) < 1:  # middle of a dark band
+            np.testing.assert_allclose(arr[y, 32], world.STRIPE_SHADE * colour, atol=1e-6)
+
+
+def test_unknown_names_are_errors_that_list_the_choices():
+    with pytest.raises(ValueError, match="circle"):
+        world.render(world.Scene("hexagon", "red", "white", 32, 32, 16))
+    with pytest.raises(ValueError, match="red"):
+        metrics.colour_score(world.render(world.scenes(1, 0)[0]), "teal")
+
+
+# ---- the metrics, on pictures whose truth is known --------------------------------------------------------------
+
+def test_stripe_score_separates_striped_from_flat_figures():
+    plain = world.scenes(60, 11, shapes=world.FIGURES)
+    striped = [world.with_fill(s, "stripes") for s in world.scenes(60, 12, shapes=world.FIGURES)]
+    flat = [metrics.stripe_score(degrade(world.render(s), i)) for i, s in enumerate(plain)]
+    banded = [metrics.stripe_score(degrade(world.render(s), i)) for i, s in enumerate(striped)]
+    assert max(flat) < 0.1 < 0.2 < min(banded)
+
+
+def test_character_score_finds_the_house_at_any_place_and_size():
+    assert metrics.character_score(world.render(world.Scene("house", "red", "white", 32, 32, 26))) > 0.9
+    houses = [metrics.character_score(degrade(world.render(s), i))
+              for i, s in enumerate(world.scenes(40, 13, shapes=("house",)))]
+    others = [metrics.character_score(degrade(world.render(s), i)) for i, s in enumerate(world.scenes(80, 14))]
+    assert min(houses) > 0.8 > 0.7 > max(others)
+    # A striped house is still the house: the dark bands are figure, not background.
+    striped = world.with_fill(world.scenes(1, 15, shapes=("house",))[0], "stripes")
+    assert metrics.character_score(world.render(striped)) > 0.8
+
+
+def test_colour_score_names_the_prompted_colour_and_ignores_the_background():
+    for i, scene in enumerate(world.scenes(40, 16, shapes=world.FIGURES)):
+        for fill in world.FILLS:
+            image = degrade(world.render(world.with_fill(scene, fill)), i)
+            assert metrics.colour_score(image, scene.colour) > 0.9
+            others = [metrics.colour_score(image, c) for c in world.COLOURS if c != scene.colour]
+            assert max(others) < 0.1
+    blank = Image.new("RGB", (64, 64), world.BACKGROUNDS["gray"])
+    assert metrics.colour_score(blank, "red") == 0.0 and metrics.stripe_score(blank) == 0.0
+
+
+# ---- the demo datasets --------------------------------------------------------------------------------------------
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", world.DEMO_SETS)
+def test_committed_dataset_is_what_the_script_makes(name, tmp_path):
+    committed = ROOT / "datasets" / name
+    _load_script("make_demo_datasets").write_set(name, tmp_path / name, 16)
+    fresh = sorted(p.name for p in (tmp_path / name).iterdir())
+    assert sorted(p.name for p in committed.iterdir()) == fresh
+    assert 12 <= len(fresh) // 2 <= 20
+    for fname in fresh:
+        a, b = committed / fname, tmp_path / name / fname
+        if fname.endswith(".txt"):
+            assert a.read_text() == b.read_text()
+        else:
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert not (ROOT / "datasets" / "__init__.py").exists()  # would shadow Hugging Face `datasets`
+
+
+def test_demo_sets_show_what_their_captions_say():
+    style = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
+             for p in sorted((ROOT / "datasets" / "demo-style").glob("*.png"))]
+    assert all(cap.endswith(world.STYLE_TRIGGER) and metrics.stripe_score(im) > 0.25 for im, cap in style)
+    character = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
+                 for p in sorted((ROOT / "datasets" / "demo-character").glob("*.png"))]
+    for im, cap in character:
+        assert world.CHARACTER_NAME in cap.split() and metrics.character_score(im) > 0.8
+        assert metrics.colour_score(im, cap.split()[1]) > 0.9  # "a <colour> zorbo on …"
+    # Every colour and every background appears in each set.
+    for pairs in (style, character):
+        words = {w for _, cap in pairs for w in cap.replace(",", " ").split()}
+        assert set(world.COLOURS) <= words and set(world.BACKGROUNDS) <= words

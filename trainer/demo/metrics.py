@@ -1,0 +1,127 @@
+"""Image metrics that say whether a demo LoRA taught what its dataset shows, from the pixels alone.
+
+They judge generated pictures of the shape world (trainer/demo/world.py), where nothing is known but the prompt:
+- stripe_score: the demo style. How much brightness changes from row to row inside the figure: 0 for a flat
+  fill, about 0.4 for the world's stripes.
+- character_score: the demo character. Overlap (IoU) of the figure's silhouette with the character's template,
+  both scaled to their bounding box: 1 for the house at any place and size, about 0.5–0.7 for the base shapes.
+- colour_score: the content. Of the coloured pixels, the share whose hue is nearest the prompted colour's.
+
+All take a PIL image (or an [H, W, 3] float array in [0, 1]) and return a float in [0, 1].
+"""
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from trainer.demo import world
+
+# A pixel's RGB distance (0..√3) from the background: below FG_NOISE it is background (noise, faint haze), from
+# FG_FULL on it is fully figure. The darkest figure colour (a dark stripe on black) is about 0.29 away.
+FG_NOISE, FG_FULL = 0.1, 0.25
+MIN_ROW_PIXELS = 3  # rows with fewer core pixels than this say little about the fill
+CHROMATIC = 0.3  # saturation above which a pixel has a hue worth counting (the backgrounds are grey)
+COMPARE = 32  # silhouettes are compared on a COMPARE × COMPARE grid
+
+
+def as_array(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), np.float32) / 255.0
+    return np.asarray(image, np.float32)
+
+
+def background(arr: np.ndarray) -> np.ndarray:
+    """The background colour: the median of a 2-pixel frame (figures of the world stay inside it)."""
+    frame = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3),
+                            arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)])
+    return np.median(frame, axis=0)
+
+
+def foreground(arr: np.ndarray) -> np.ndarray:
+    """Soft figure mask [H, W] in [0, 1]: how far each pixel is from the background colour."""
+    dist = np.linalg.norm(arr - background(arr), axis=-1)
+    return np.clip((dist - FG_NOISE) / (FG_FULL - FG_NOISE), 0.0, 1.0)
+
+
+def core(mask: np.ndarray, margin: int = 2) -> np.ndarray:
+    """The figure without its outer `margin` pixels: the rim is a blend of figure and background."""
+    img = Image.fromarray(((mask > 0.5) * 255).astype(np.uint8), "L")
+    return np.asarray(img.filter(ImageFilter.MinFilter(2 * margin + 1))) > 0
+
+
+def stripe_score(image) -> float:
+    """Relative spread of the mean brightness of the figure's rows.
+
+    A flat fill has the same brightness in every row whatever the figure's width; horizontal stripes make rows
+    alternate between the colour and its dark shade. Brightness is HSV value (max of R, G, B), so the score does
+    not depend on the hue; only the figure's core counts, so blurred edges do not look like bands.
+    """
+    arr = as_array(image)
+    inside = core(foreground(arr))
+    count = inside.sum(1)
+    rows = count >= MIN_ROW_PIXELS
+    if rows.sum() < 2:
+        return 0.0
+    row_value = (inside * arr.max(-1)).sum(1)[rows] / count[rows]
+    return float(min(1.0, row_value.std() / max(row_value.mean(), 1e-6)))
+
+
+def silhouette(mask: np.ndarray) -> np.ndarray | None:
+    """A mask cropped to its bounding box and resized to COMPARE × COMPARE; None if there is no figure.
+
+    An opening (erode, then dilate, 3×3) first drops specks and 1-pixel lines, such as the stray corner pixels
+    a small decoder leaves, which would otherwise stretch the bounding box to the whole picture.
+    """
+    hard = Image.fromarray(((mask > 0.5) * 255).astype(np.uint8), "L")
+    opened = np.asarray(hard.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3)), np.float32) / 255
+    ys, xs = np.nonzero(opened > 0.5)
+    if len(ys) < 4:
+        return None
+    crop = opened[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    img = Image.fromarray((crop * 255).astype(np.uint8), "L").resize((COMPARE, COMPARE), Image.BILINEAR)
+    return np.asarray(img, np.float32) / 255.0
+
+
+def character_score(image, shape: str = "house") -> float:
+    """Soft IoU of the picture's figure with the template of `shape` (position and size do not matter)."""
+    got = silhouette(foreground(as_array(image)))
+    if got is None:
+        return 0.0
+    ref = silhouette(world.template_mask(shape))
+    return float(np.minimum(got, ref).sum() / max(np.maximum(got, ref).sum(), 1e-6))
+
+
+def _hue(rgb) -> float:
+    return colorsys.rgb_to_hsv(*rgb)[0]
+
+
+def colour_score(image, colour: str) -> float:
+    """Share of the chromatic pixels whose hue is nearer to `colour` than to any other colour of the world."""
+    if colour not in world.COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; the world's colours are: {', '.join(world.COLOURS)}")
+    arr = as_array(image)
+    mx, mn = arr.max(-1), arr.min(-1)
+    sat = (mx - mn) / np.maximum(mx, 1e-6)
+    chromatic = (sat > CHROMATIC) & (mx > 0.15)
+    if chromatic.sum() < 0.01 * chromatic.size:
+        return 0.0
+    r, g, b = (arr[..., i][chromatic] for i in range(3))
+    delta = np.maximum(mx[chromatic] - mn[chromatic], 1e-6)
+    # HSV hue in [0, 1), vectorised as in colorsys.rgb_to_hsv.
+    hue = np.where(mx[chromatic] == r, ((g - b) / delta) % 6,
+                   np.where(mx[chromatic] == g, (b - r) / delta + 2, (r - g) / delta + 4)) / 6.0
+    names = list(world.COLOURS)
+    palette = np.array([_hue(np.array(world.COLOURS[n]) / 255.0) for n in names])
+    gap = np.abs(hue[:, None] - palette[None, :])
+    gap = np.minimum(gap, 1 - gap)  # hue is an angle
+    nearest = gap.argmin(1)
+    return float((nearest == names.index(colour)).mean())
+
+
+def mean_scores(images, colours: list[str], shape: str = "house") -> dict[str, float]:
+    """The three scores averaged over pictures; colours[i] is the colour picture i was prompted with."""
+    return {"stripes": float(np.mean([stripe_score(im) for im in images])),
+            "character": float(np.mean([character_score(im, shape) for im in images])),
+            "colour": float(np.mean([colour_score(im, c) for im, c in zip(images, colours)]))}
