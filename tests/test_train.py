@@ -252,6 +252,22 @@ def test_gradient_checkpointing_same_weights_and_accumulation_counts_steps(works
     assert [e["epoch"] for e in events if e["event"] == "step"] == [0, 1]
 
 
+def test_training_runs_on_the_good_files_of_a_messy_dataset(workspace, tmp_path):
+    """Issue 3's corpus (every bad case next to good files): the run skips the bad files with reasons, trains on
+    exactly the good ones, and exports a file whose metadata counts them."""
+    from test_data_corpus import make_corpus
+
+    corpus = make_corpus(tmp_path / "messy")
+    cfg = config(workspace, "messy", training={"steps": 2}, network={"train_text_encoder": False},
+                 data={"dataset": str(corpus.root), "bucket_step": 32, "min_bucket_reso": 32})
+    out = loop.train(cfg)
+    dataset = next(e for e in read_events(cfg.run_path()) if e["event"] == "dataset")
+    assert dataset["images"] == len(corpus.good) and dataset["skipped"] >= len(corpus.bad)
+    report = "\n".join(dataset["lines"])
+    assert all(path.name in report for path in corpus.bad)
+    assert inspect_lora(out)["metadata"]["ss_num_train_images"] == str(len(corpus.good))
+
+
 def test_events_are_json_lines(workspace):
     path = workspace / "runs" / "det-a" / "events.jsonl"
     for line in path.read_text().splitlines():
