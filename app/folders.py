@@ -11,9 +11,9 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# A1111 names first, then ComfyUI's: an existing folder of either layout is used as it is.
+# A1111's name first, then ComfyUI's: an existing folder of either layout is used as it is.
+# (Checkpoints are listed by trainer.models.list_checkpoints.)
 LORA_DIR_NAMES = ("Lora", "loras")
-CHECKPOINT_DIR_NAMES = ("Stable-diffusion", "checkpoints")
 LORA_SUFFIXES = (".safetensors",)
 
 
@@ -41,10 +41,6 @@ class Folders:
     @property
     def lora_dir(self) -> Path:
         return self._first_existing(LORA_DIR_NAMES)
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self._first_existing(CHECKPOINT_DIR_NAMES)
 
     @property
     def datasets_dir(self) -> Path:
@@ -78,7 +74,8 @@ class Folders:
         """(label, path) choices for the base-model pickers: the demo model, then the checkpoints found."""
         from trainer.models import DEMO_MODEL_DIR, list_checkpoints  # the engine's one listing of checkpoints
 
-        choices = [("Demo model (built in, tiny)", str(DEMO_MODEL_DIR))]
+        demo = "Demo model (built in, tiny)" if DEMO_MODEL_DIR.exists() else "Demo model (missing: see README)"
+        choices = [(demo, str(DEMO_MODEL_DIR))]
         for path in list_checkpoints(self.models_dir):
             choices.append((Path(path).name, str(path)))
         return choices

@@ -246,6 +246,10 @@ class Jobs:
         if not (run_dir / "train.log").exists():
             return "new"
         proc = self._procs.get(run_dir)
+        if proc is not None and sys.platform != "win32" and proc.returncode == -signal.SIGTERM:
+            view.message = ("Stopped while it was still starting, before its first checkpoint: "
+                            "press Start to begin again.")
+            return "stopped"
         code = f" with exit code {proc.returncode}" if proc is not None else ""
         view.message = (f"The training process ended{code} without finishing. Last lines of {run_dir / 'train.log'}:\n"
                         + log_tail(run_dir / "train.log"))

@@ -111,10 +111,9 @@ def loss_frame(points: list[tuple[int, float]], smoothing: float = 0.9) -> pd.Da
         avg = loss if avg is None else smoothing * avg + (1 - smoothing) * loss
         smooth.append(avg)
     steps = [s for s, _ in points]
-    # typed even when empty: the plot fixes its axis types (numeric, not categories) from the first value
     return pd.DataFrame({"step": pd.Series(steps * 2, dtype="int64"),
                          "loss": pd.Series([l for _, l in points] + smooth, dtype="float64"),
-                         "series": pd.Series(["loss"] * len(points) + ["average"] * len(points), dtype="string")})
+                         "series": ["loss"] * len(points) + ["average"] * len(points)})
 
 
 def refresh(jobs: Jobs, shown: dict):
@@ -124,8 +123,8 @@ def refresh(jobs: Jobs, shown: dict):
     key = lambda what: (str(run), what)  # noqa: E731
     outputs = [status_html(view)]
     n_loss, n_samples = (len(view.loss), len(view.samples)) if view else (0, 0)
-    if shown.get("loss") != key(n_loss):
-        outputs.append(loss_frame(view.loss if view else []))
+    if shown.get("loss") != key(n_loss):  # never an empty frame: the plot then draws no lines at all later
+        outputs.append(loss_frame(view.loss) if n_loss else None)
     else:
         outputs.append(gr.skip())
     outputs.append(gr.skip() if shown.get("samples") == key(n_samples)
@@ -251,7 +250,7 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
             action_msg = gr.Markdown(elem_id="train-action")
             status = gr.HTML(status_html(None), elem_id="train-status")
             download = gr.DownloadButton("Download", visible=False, elem_id="download-trained")
-    loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Training loss",
+    loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
                             height=260, elem_id="loss-plot")
     samples = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_id="samples")
     shown = gr.State({})

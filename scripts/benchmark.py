@@ -30,6 +30,9 @@ op (a rank-8 matmul took 15-25 ms with 2 threads against 0.1-0.3 ms with 1 on a 
 measures the neighbours, not the code. With one thread, CPU seconds are the work itself (equal to wall time on an
 idle core), so the verdicts use them; otherwise they use wall time. Ratios within one run are what counts.
 Our trainer's step boundaries are the "start" and "step" events of its events.jsonl, as the UI reads them.
+Memory: RSS as the kernel counts it, so the touched pages of memory-mapped weight files count too (an fp32 load
+maps the .safetensors and costs nothing until a weight is used; casting at load touches every page). "peak RSS"
+is the whole process (loading included), "RSS in steps" the peak between the first and the last step.
 Results: a table, the ratios against the targets, and a JSON file (--json; default runs/benchmark/<time>.json).
 """
 from __future__ import annotations
@@ -168,12 +171,13 @@ def run_ours(spec: dict, monitor: Monitor) -> dict:
     train(cfg)
     events = read_events(run)
     start = next(e for e in events if e["event"] == "start")
-    bounds = [start["t"]] + [e["t"] for e in events if e["event"] == "step"]
+    step_events = [e for e in events if e["event"] == "step"]
+    bounds = [start["t"]] + [e["t"] for e in step_events]  # step i runs from bounds[i] to bounds[i + 1]
     monitor.mark("steps", bounds[0])
     monitor.mark("end", bounds[-1])
     cpu = [monitor.cpu_at(t) for t in bounds]
-    steps = [{"wall": b - a, "cpu": c1 - c0, "loss": e["loss"]}
-             for a, b, c0, c1, e in zip(bounds, bounds[1:], cpu, cpu[1:], [e for e in events if e["event"] == "step"])]
+    steps = [{"wall": bounds[i + 1] - bounds[i], "cpu": cpu[i + 1] - cpu[i], "loss": e["loss"]}
+             for i, e in enumerate(step_events)]
     precision = {"no": "fp32"}.get(start["precision"], start["precision"])  # what "auto" resolved to
     return {"steps": steps, "precision": precision, "latent_cache": start["latent_cache"],
             "text_cache": start["text_cache"]}

@@ -26,6 +26,8 @@ FAKE_TRAINER = textwrap.dedent('''
     run_dir = config.parent
     text = config.read_text()
     total, delay = 30, float(text.split("delay=")[1].split()[0]) if "delay=" in text else 0.05
+    if "slowstart" in text:
+        time.sleep(30)  # still importing: no SIGTERM handler yet, as a real trainer loading torch
     if "crash" in text:
         print("Traceback: something broke in the trainer", file=sys.stderr)
         sys.exit(3)
@@ -169,3 +171,15 @@ def test_a_torn_last_line_is_read_once_it_is_complete(jobs, tmp_path):
     with open(run / "events.jsonl", "a") as f:
         f.write(line[20:] + "\n")
     assert j.view(run).loss == [(1, 0.5), (2, 0.25)]
+
+
+def test_stop_while_starting_is_a_stop_not_a_crash(jobs, tmp_path):
+    j = jobs()
+    run = tmp_path / "runs" / "early"
+    j.start(run, "slowstart\n")
+    assert j.view(run).status == "starting"
+    j.stop(run)
+    view = wait_for(lambda: (v := j.view(run)).status != "starting" and v)
+    assert view.status == "stopped" and "press Start" in view.message
+    with pytest.raises(UserError, match="no checkpoint"):
+        j.resume(run)
