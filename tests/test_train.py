@@ -166,6 +166,40 @@ def test_text_cache_and_warm_latent_cache(workspace, monkeypatch):
     assert loop.train(cfg_b).exists()  # same images, bucket, crop, VAE: a warm cache, no encoding
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_text_cache_frees_the_encoders_and_changes_nothing(workspace, family, monkeypatch):
+    """With the encoders frozen, their outputs are cached and the encoders freed; the LoRA and the samples must be
+    those of a run that keeps the encoders and runs them every step."""
+    freed = []
+    real_to = torch.nn.Module.to
+
+    def spy_to(self, *args, **kwargs):
+        if args and args[0] == "meta":
+            freed.append(type(self).__name__)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+    runs = {}
+    for cache in ("auto", "off"):
+        freed.clear()
+        cfg = config(workspace, f"te-cache-{family}-{cache}", family=family, network={"train_text_encoder": False},
+                     training={"steps": 2, "cache_text_encoder_outputs": cache},
+                     sample={"steps": 2, "every_n_steps": 1, "prompts": ["a red circle", "a blue circle"],
+                             "negative_prompt": "green"})
+        out = loop.train(cfg)
+        start = [e for e in read_events(cfg.run_path()) if e["event"] == "start"][0]
+        assert start["text_cache"] == (cache == "auto")
+        assert len(freed) == ({"sd1": 1, "sdxl": 2}[family] if cache == "auto" else 0), freed
+        samples = sorted((cfg.run_path() / "samples").glob("*.png"))
+        assert len(samples) == 4  # step 1 (every_n_steps) and the final ones, two prompts each
+        runs[cache] = (weights(out), [torch.tensor(list(Image.open(p).getdata()), dtype=torch.int16)
+                                      for p in samples])
+    (lora_a, pics_a), (lora_b, pics_b) = runs["auto"], runs["off"]
+    assert lora_a.keys() == lora_b.keys()
+    assert all(torch.allclose(lora_a[k], lora_b[k], atol=1e-6) for k in lora_a)
+    assert all((a - b).abs().max() <= 1 for a, b in zip(pics_a, pics_b))
+
+
 def test_optimisers_and_schedulers_run(workspace):
     for optimizer, lr, scheduler in [("adamw8bit", 1e-4, "cosine"), ("prodigy", 1.0, "constant_with_warmup")]:
         cfg = config(workspace, f"opt-{optimizer}", training={"steps": 2},

@@ -71,22 +71,36 @@ def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, noise_schedu
 
 
 @torch.no_grad()
-def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
-           width: int = 512, height: int = 512, clip_skip: int = 1) -> Image.Image:
-    """One image; our own text encoding (shared with training) so clip_skip works on every family."""
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
-    emb, pooled = encode_text(encoders, tokenizers, [prompt], clip_skip)
-    neg, neg_pooled = encode_text(encoders, tokenizers, [negative_prompt], clip_skip)
+def encode_prompt(text_encoders: list, tokenizers: list, prompt: str, negative_prompt: str = "",
+                  clip_skip: int = 1) -> dict[str, torch.Tensor]:
+    """The pipeline's embedding arguments for one prompt; our own text encoding (shared with training), so
+    clip_skip works on every family, and so a trainer can encode its sample prompts before freeing the encoders."""
+    emb, pooled = encode_text(text_encoders, tokenizers, [prompt], clip_skip)
+    neg, neg_pooled = encode_text(text_encoders, tokenizers, [negative_prompt], clip_skip)
     if pooled is not None and not negative_prompt:  # SDXL's base config: zeros for an empty negative prompt
         neg, neg_pooled = torch.zeros_like(neg), torch.zeros_like(neg_pooled)
-    dtype = pipe.unet.dtype
-    kwargs = dict(prompt_embeds=emb.to(dtype), negative_prompt_embeds=neg.to(dtype), num_inference_steps=steps,
-                  guidance_scale=cfg, width=width, height=height,
-                  generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+    out = {"prompt_embeds": emb, "negative_prompt_embeds": neg}
     if pooled is not None:
-        kwargs.update(pooled_prompt_embeds=pooled.to(dtype), negative_pooled_prompt_embeds=neg_pooled.to(dtype))
-    return pipe(**kwargs).images[0]
+        out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+    return out
+
+
+@torch.no_grad()
+def render_embeds(pipe, embeds: dict[str, torch.Tensor], seed: int = 0, steps: int = 20, cfg: float = 7.0,
+                  width: int = 512, height: int = 512) -> Image.Image:
+    dtype = pipe.unet.dtype
+    kwargs = {k: v.to(pipe.unet.device, dtype) for k, v in embeds.items()}
+    return pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]
+
+
+def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+           width: int = 512, height: int = 512, clip_skip: int = 1) -> Image.Image:
+    """One image from a pipeline that has its text encoders."""
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
+    embeds = encode_prompt(encoders, tokenizers, prompt, negative_prompt, clip_skip)
+    return render_embeds(pipe, embeds, seed, steps, cfg, width, height)
 
 
 def grid(images: list[Image.Image], labels: list[str]) -> Image.Image:

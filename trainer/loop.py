@@ -27,7 +27,7 @@ from .conditioning import encode_text, sdxl_time_ids
 from .config import ConfigError, TrainConfig, save_config
 from .data import Draw, LatentCache, latent_key, load_dataset
 from .events import EventLog
-from .generate import make_pipeline, render
+from .generate import encode_prompt, make_pipeline, render_embeds
 from .lora_file import save_lora, to_diffusers, to_kohya, text_encoder_prefixes
 from .metadata import RunInfo, base_model_name, build_metadata
 from .models import default_base_model, load_base_model
@@ -144,6 +144,16 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
             for caption in sorted({r.caption for r in ds.images}):
                 emb, pooled = encode_text(encoders, tokenizers, [caption], cfg.model.clip_skip, device)
                 text_cache[caption] = (emb[0], None if pooled is None else pooled[0])
+    sample_prompts = cfg.sample.prompts or [ds.images[0].caption]
+    sample_embeds: list[dict[str, torch.Tensor]] = []
+    if text_cache:
+        # Nothing needs the frozen encoders again once the sample prompts are encoded too: free them (CLIP-L is
+        # 0.5 GB in fp32, SDXL's pair 1.6 GB), so peak memory stays at or below a loop that keeps them.
+        with torch.no_grad(), accelerator.autocast():
+            sample_embeds = [encode_prompt(encoders, tokenizers, p, cfg.sample.negative_prompt, cfg.model.clip_skip)
+                             for p in sample_prompts]
+        for te in encoders:
+            te.to("meta")
 
     # --- Optimiser and LR schedule ----------------------------------------------------------------------------
     groups = [{"params": lora_parameters(unet), "lr": opt.unet_lr or opt.learning_rate}]
@@ -202,25 +212,27 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         return path
 
     def sample(tag: str) -> list[str]:
-        prompts = cfg.sample.prompts or [ds.images[0].caption]
         width = cfg.sample.width or cfg.data.resolution
         height = cfg.sample.height or cfg.data.resolution
-        pipe = make_pipeline(unet, vae, encoders, tokenizers, noise_scheduler, "euler")
+        live_encoders = [None] * len(encoders) if sample_embeds else encoders  # None: freed, embeddings ready
+        pipe = make_pipeline(unet, vae, live_encoders, tokenizers, noise_scheduler, "euler")
         pipe.set_progress_bar_config(disable=True)
         for m in trained:
             m.eval()
         paths = []
         with accelerator.autocast():
-            for i, prompt in enumerate(prompts):
-                image = render(pipe, prompt, cfg.sample.negative_prompt, cfg.sample.seed + i, cfg.sample.steps,
-                               cfg.sample.cfg, width, height, cfg.model.clip_skip)
+            for i, prompt in enumerate(sample_prompts):
+                embeds = sample_embeds[i] if sample_embeds else encode_prompt(
+                    encoders, tokenizers, prompt, cfg.sample.negative_prompt, cfg.model.clip_skip)
+                image = render_embeds(pipe, embeds, cfg.sample.seed + i, cfg.sample.steps, cfg.sample.cfg, width,
+                                      height)
                 path = run_dir / "samples" / f"{tag}_{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 image.save(path)
                 paths.append(str(path))
         for m in trained:
             m.train()
-        events.emit("sample", step=step, paths=paths, prompts=prompts)
+        events.emit("sample", step=step, paths=paths, prompts=sample_prompts)
         return paths
 
     # --- The steps: a flat stream of micro-batches, epoch after epoch ----------------------------------------------
