@@ -11,12 +11,14 @@ the real SD 1.x keys) with small widths, a small AutoencoderKL (64×64 pixels �
 Recipe, in three stages, each deterministic given --seed:
 1. The autoencoder learns to reconstruct world pictures and random clutter (a general codec for this world).
    Its scaling_factor is set to 1/std of its latents, as SD's 0.18215 is for SD's VAE.
-2. The text encoder is NOT trained: it stays at its seeded random init. A frozen encoder's outputs can be cached
+2. The text encoder is NOT trained: it stays at its seeded random init (token embeddings scaled up, so that its
+   output says which words were there more than where: see WORD_SCALE). A frozen encoder's outputs can be cached
    for every caption, which makes stage 3 several times cheaper on a CPU; random token embeddings already tell
    the few words of this world apart; and a word the base never saw (a LoRA's trigger) gets an embedding of its
    own, as a rare word does in a real CLIP. The UNet learns to read these features through cross-attention.
 3. The UNet learns epsilon prediction on cached latents of plain base shapes, with the training schedule the
-   LoRA trainer uses (DDPM, 1000 steps, scaled_linear 0.00085–0.012), min-SNR-5 weighting (faster convergence),
+   LoRA trainer uses (DDPM, 1000 steps, scaled_linear 0.00085–0.012), half the timesteps drawn from the noisier
+   half, min-SNR-5 weighting (faster convergence),
    10% empty captions (so classifier-free guidance works), offset noise 0.1 (so it controls the background
    colour rather than taking it from the starting noise) and an EMA of the weights (what is saved).
 """
@@ -49,6 +51,10 @@ TOKENIZER_DIR = ROOT / "trainer" / "tokenizer"
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TEXT_DIM = 32  # text-encoder width = the UNet's cross_attention_dim; the 49408×32 token table is most of its 7 MB
+# Token embeddings are scaled up from CLIP's init (std 0.02 → 0.5). At the plain init, 12 random layers bury the
+# word under position and context: "white" and "black" in the same place came out with cosine similarity 0.99,
+# and the UNet never learned the background words. Scaled, they are at 0.41, and one word in two places at 0.77.
+WORD_SCALE = 25.0
 LATENT = world.SIZE // 4  # 16: a 3-level autoencoder halves twice
 
 
@@ -87,7 +93,10 @@ def make_text_encoder() -> CLIPTextModel:
     cfg = CLIPTextConfig(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=12,
                          num_attention_heads=4, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                          projection_dim=TEXT_DIM, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return CLIPTextModel(cfg)
+    model = CLIPTextModel(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(WORD_SCALE)
+    return model
 
 
 def make_unet() -> UNet2DConditionModel:
@@ -204,7 +213,10 @@ def train_unet(vae, text_encoder, tokenizer, steps: int, seed: int, n_images: in
         # Offset noise: a random shift of each channel's mean. Without it the model never learns to set the mean of
         # a 16×16 latent (the background colour, here) and copies it from the starting noise instead (seen).
         noise = torch.randn(latents.shape, generator=gen) + offset * torch.randn((batch, 4, 1, 1), generator=gen)
+        # Half the timesteps from the noisier half: there the picture's layout and colours are decided, and a
+        # small model learns that part slowest (the LoRA trainer samples uniformly; this is the base only).
         t = torch.randint(0, 1000, (batch,), generator=gen)
+        t = torch.where(torch.rand(batch, generator=gen) < 0.5, 500 + t // 2, t)
         noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, cond[which]).sample
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight[t]).mean()
@@ -251,7 +263,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "models" / "demo"), help="the diffusers folder to write")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--unet-steps", type=int, default=2800, help="0: stop after the autoencoder (to inspect it)")
+    ap.add_argument("--unet-steps", type=int, default=3000, help="0: stop after the autoencoder (to inspect it)")
     ap.add_argument("--images", type=int, default=6000, help="world pictures the UNet trains on")
     ap.add_argument("--threads", type=int, default=0, help="0: adapt to the machine's load (see adapt_threads)")
     ap.add_argument("--vae", default="", help="reuse the autoencoder of an earlier run (a diffusers folder)")
@@ -281,7 +293,7 @@ def main(argv=None) -> None:
                                    scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # the files older transformers' slow CLIPTokenizer reads
+    for name in ("vocab.json", "merges.txt", "LICENSE"):  # the slow CLIPTokenizer's files, and their licence (MIT)
         shutil.copyfile(TOKENIZER_DIR / name, out / "tokenizer" / name)
     seconds = time.time() - start
     (out / "README.md").write_text(

@@ -219,7 +219,7 @@ def demo_dataset(name: str, n: int = 16, seed: int = 7) -> list[tuple[Scene, str
     items = []
     for i in range(n):
         colour = colours[i % len(colours)]
-        bg = backgrounds[(i + i // len(colours)) % len(backgrounds)]  # every colour meets every background
+        bg = backgrounds[(i + i // len(colours)) % len(backgrounds)]  # each colour on two or three backgrounds
         base = sample_scene(rng)
         if name == "demo-style":
             shape = BASE_SHAPES[i % len(BASE_SHAPES)]
