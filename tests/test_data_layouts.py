@@ -118,6 +118,9 @@ def test_only_regularisation_images_is_not_enough(tmp_path):
     (dict(background="blu"), "`data.background` = 'blu' is not a colour"),
     (dict(caption_lines="all"), "`data.caption_lines`"),
     (dict(resolution=2048, max_bucket_reso=1024), "`data.resolution` (2048) must lie between"),
+    (dict(keep_tokens=-1), "`data.keep_tokens` must be ≥ 0, got -1"),
+    (dict(resolution=500), "`data.resolution` (500) must be a multiple of `data.bucket_step` (64)"),
+    (dict(crop="middle"), "`data.crop` = 'middle' is not one of: center, random"),
 ])
 def test_bad_settings_are_named(tmp_path, cfg, phrase):
     images(tmp_path, ["a.png"])

@@ -188,31 +188,50 @@ def _apply(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(full, value, hints[key]))
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
+def _check_choices(obj, section: str) -> None:
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"`{key}` = {value!r} is not one of: {', '.join(allowed)}")
-    positive = {"network.rank": cfg.network.rank, "training.batch_size": cfg.training.batch_size,
-                "training.grad_accum": cfg.training.grad_accum, "data.resolution": cfg.data.resolution,
-                "data.bucket_step": cfg.data.bucket_step, "data.repeats": cfg.data.repeats}
-    for key, value in positive.items():
+        if key.startswith(section + "."):
+            value = getattr(obj, key.split(".")[1])
+            if value not in allowed:
+                raise ConfigError(f"`{key}` = {value!r} is not one of: {', '.join(allowed)}")
+
+
+def _check_positive(values: dict[str, int]) -> None:
+    for key, value in values.items():
         if value <= 0:
             raise ConfigError(f"`{key}` should be a positive integer but the value passed is {value}")
+
+
+def validate_data(data: DataConfig) -> DataConfig:
+    """The [data] checks. load_dataset runs them too: the CLI's `dataset` command and the UI's dataset report
+    take a DataConfig on its own, without the rest of a run."""
+    _check_choices(data, "data")
+    _check_positive({"data.resolution": data.resolution, "data.bucket_step": data.bucket_step,
+                     "data.repeats": data.repeats})
+    if data.keep_tokens < 0:
+        raise ConfigError(f"`data.keep_tokens` must be ≥ 0, got {data.keep_tokens}")
+    for key in ("caption_dropout", "tag_dropout"):
+        if not 0.0 <= getattr(data, key) < 1.0:
+            raise ConfigError(f"`data.{key}` must be in [0, 1), got {getattr(data, key)}")
+    if data.resolution % data.bucket_step:
+        raise ConfigError(f"`data.resolution` ({data.resolution}) must be a multiple of `data.bucket_step` ({data.bucket_step})")
+    if data.bucket_step not in (32, 64):
+        raise ConfigError(f"`data.bucket_step` must be 64 (or 32 for SDXL), got {data.bucket_step}")
+    return data
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for section in ("model", "network", "optimizer", "training", "sample", "output"):
+        _check_choices(getattr(cfg, section), section)
+    _check_positive({"network.rank": cfg.network.rank, "training.batch_size": cfg.training.batch_size,
+                     "training.grad_accum": cfg.training.grad_accum})
+    validate_data(cfg.data)
     if cfg.network.alpha <= 0:
         raise ConfigError(f"`network.alpha` must be > 0 (the usual choice is rank/2 or rank), got {cfg.network.alpha}")
     if cfg.training.steps <= 0 and cfg.training.epochs <= 0:
         raise ConfigError("set `training.steps` or `training.epochs` to a positive number")
-    for key in ("caption_dropout", "tag_dropout"):
-        if not 0.0 <= getattr(cfg.data, key) < 1.0:
-            raise ConfigError(f"`data.{key}` must be in [0, 1), got {getattr(cfg.data, key)}")
     if not 0.0 <= cfg.network.dropout < 1.0:
         raise ConfigError(f"`network.dropout` must be in [0, 1), got {cfg.network.dropout}")
-    if cfg.data.resolution % cfg.data.bucket_step:
-        raise ConfigError(f"`data.resolution` ({cfg.data.resolution}) must be a multiple of `data.bucket_step` ({cfg.data.bucket_step})")
-    if cfg.data.bucket_step not in (32, 64):
-        raise ConfigError(f"`data.bucket_step` must be 64 (or 32 for SDXL), got {cfg.data.bucket_step}")
     o = cfg.optimizer
     if o.optimizer == "prodigy" and {o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate} != {o.learning_rate}:
         raise ConfigError("Prodigy adapts one step size for all parameters: leave `optimizer.unet_lr` and "

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DataConfig
+from ..config import DataConfig, validate_data
 from .buckets import Bucketer, cover_size, crop_offsets
-from .captions import (CAPTION_LINE_MODES, CaptionProblem, CaptionTricks, apply_trigger, caption_lines,
+from .captions import (CaptionProblem, CaptionTricks, apply_trigger, caption_lines,
                        clip_overflow, count_tags, read_caption)
 from .images import IMAGE_EXTENSIONS, ImageProblem, decode_image, parse_background
 from .report import DatasetError, DatasetReport, FolderSummary
@@ -187,17 +187,7 @@ class Dataset:
 
 
 def _check_settings(cfg: DataConfig) -> tuple[tuple[int, int, int], Bucketer]:
-    if cfg.caption_lines not in CAPTION_LINE_MODES:
-        raise ValueError(f"`data.caption_lines` = {cfg.caption_lines!r} is not one of: {', '.join(CAPTION_LINE_MODES)}")
-    if cfg.crop not in ("center", "random"):
-        raise ValueError(f"`data.crop` = {cfg.crop!r} is not one of: center, random")
-    if cfg.repeats < 1:
-        raise ValueError(f"`data.repeats` must be ≥ 1, got {cfg.repeats}")
-    if cfg.keep_tokens < 0:
-        raise ValueError(f"`data.keep_tokens` must be ≥ 0, got {cfg.keep_tokens}")
-    for key in ("caption_dropout", "tag_dropout"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise ValueError(f"`data.{key}` must be in [0, 1), got {getattr(cfg, key)}")
+    validate_data(cfg)  # a ConfigError is a ValueError: the report carries it like a scan error
     return parse_background(cfg.background), Bucketer(cfg.resolution, *cfg.bucket_range(), cfg.bucket_step,
                                                      cfg.no_upscale)
 
