@@ -65,7 +65,7 @@ VARIANTS = {  # name: (kind, precision, train_text_encoder)
 }
 # (label, numerator, denominator, limit, bf16 CPUs only): the targets; None = shown for scale only.
 TARGETS = [
-    ("ours fp32 / reference fp32 (equal settings, same trained params)", "ours-fp32", "ref-fp32", 0.8, False),
+    ("ours fp32 / reference fp32 (equal settings, UNet-only LoRA; ours 192 modules, ref 128)", "ours-fp32", "ref-fp32", 0.8, False),
     ("ours fp32 +TE / reference fp32 (equal precision, trains the TE too)", "ours-fp32-te", "ref-fp32", 0.8, False),
     ("ours default precision / reference fp32", "ours-auto", "ref-fp32", 0.5, True),
     ("ours default precision +TE (all defaults) / reference fp32", "ours-auto-te", "ref-fp32", 0.5, True),

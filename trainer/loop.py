@@ -148,7 +148,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     sample_embeds: list[dict[str, torch.Tensor]] = []
     if text_cache:
         # Nothing needs the frozen encoders again once the sample prompts are encoded too: free them (CLIP-L is
-        # 0.5 GB in fp32, SDXL's pair 1.6 GB), so peak memory stays at or below a loop that keeps them.
+        # 0.5 GB in fp32, SDXL's pair 3.3 GB), so peak memory stays at or below a loop that keeps them.
         with torch.no_grad(), accelerator.autocast():
             sample_embeds = [encode_prompt(encoders, tokenizers, p, cfg.sample.negative_prompt, cfg.model.clip_skip)
                              for p in sample_prompts]
