@@ -27,20 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trainer.config import build_config  # noqa: E402
 from trainer.demo import metrics, world  # noqa: E402
-from trainer.generate import Generator, LoraSpec  # noqa: E402
+from trainer.demo.evaluate import (SEEDS, character_prompts, demo_config, pictures,  # noqa: E402
+                                   style_prompts)
+from trainer.generate import Generator  # noqa: E402
 from trainer.loop import train  # noqa: E402
-
-DEMO_MODEL = ROOT / "models" / "demo"
-SEEDS = (0, 1)
-STYLE = [("red", "triangle", "gray"), ("green", "circle", "white"), ("blue", "square", "black"),
-         ("yellow", "diamond", "gray")]
-CHARACTER = [("red", "black"), ("green", "white"), ("blue", "gray"), ("orange", "white")]
+from trainer.models import DEMO_MODEL_DIR  # noqa: E402
 
 
 def overrides(pairs: list[str]) -> dict:
@@ -59,12 +54,8 @@ def overrides(pairs: list[str]) -> dict:
 
 
 def train_lora(dataset: str, out: Path, extra: dict) -> Path:
-    sections = {"model": {"base_model": str(DEMO_MODEL)}, "data": {"dataset": str(ROOT / "datasets" / dataset)},
-                "output": {"name": dataset, "lora_dir": str(out), "run_dir": str(out / f"run-{dataset}")}}
-    for section, values in extra.items():
-        sections.setdefault(section, {}).update(values)
     start = time.time()
-    path = train(build_config({"preset": "demo"}, sections))
+    path = train(demo_config(dataset, out, extra))
     print(f"{dataset}: trained in {time.time() - start:.0f} s", flush=True)
     return path
 
@@ -80,21 +71,20 @@ def main(argv=None) -> None:
     loras = {name: train_lora(name, out, overrides(args.set)) for name in world.DEMO_SETS}
 
     gen = Generator()
-    gen.load(DEMO_MODEL)
-    style_prompts = [(world.style_prompt(c, s, b), c) for c, s, b in STYLE]
-    character_prompts = [(world.character_prompt(c, b), c) for c, b in CHARACTER]
-    stacked_prompts = [(p + f", {world.STYLE_TRIGGER}", c) for p, c in character_prompts]
-    runs = [(f"{name} w={w}", prompts, [(loras[name], w)])
-            for name, prompts in (("demo-style", style_prompts), ("demo-character", character_prompts))
-            for w in (0.0, 0.5, 1.0)]
-    runs += [("stacked w=0", stacked_prompts, []),
-             ("stacked w=1+1", stacked_prompts, [(loras["demo-style"], 1.0), (loras["demo-character"], 1.0)])]
+    gen.load(DEMO_MODEL_DIR)
+    style, style_colours = style_prompts()
+    character, character_colours = character_prompts()
+    stacked = [p + f", {world.STYLE_TRIGGER}" for p in character]
+    runs = [(f"demo-style w={w}", style, style_colours, [(loras["demo-style"], w)]) for w in (0.0, 0.5, 1.0)]
+    runs += [(f"demo-character w={w}", character, character_colours, [(loras["demo-character"], w)])
+             for w in (0.0, 0.5, 1.0)]
+    runs += [("stacked w=0", stacked, character_colours, []),
+             ("stacked w=1+1", stacked, character_colours,
+              [(loras["demo-style"], 1.0), (loras["demo-character"], 1.0)])]
     rows = []
-    for label, prompts, mix in runs:
-        specs = [LoraSpec(str(path), w) for path, w in mix]
-        images = [gen.generate(p, specs, seed=s, steps=15, cfg=5.0, sampler="euler") for p, _ in prompts
-                  for s in SEEDS]
-        scores = metrics.mean_scores(images, [c for _, c in prompts for _ in SEEDS])
+    for label, prompts, colours, mix in runs:
+        images = pictures(gen, prompts, mix)
+        scores = metrics.mean_scores(images, [c for c in colours for _ in SEEDS])
         print(f"{label:24s} stripes {scores['stripes']:.3f}  character {scores['character']:.3f}  "
               f"colour {scores['colour']:.3f}", flush=True)
         rows.append(images)

@@ -20,16 +20,12 @@ import torch
 from PIL import Image
 
 from trainer.demo import metrics, world
+from trainer.demo.evaluate import CFG, STEPS, demo_config, style_prompts, sweep
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "demo"
-SEEDS = (0, 1)
-STEPS, CFG = 15, 5.0  # Euler at 15 steps already settles these 64×64 pictures
-# Held-out prompts: none of these (colour, shape, background) triples is in datasets/demo-style.
-STYLE_PROMPTS = [("red", "triangle", "gray"), ("green", "circle", "white"), ("blue", "square", "black"),
-                 ("yellow", "diamond", "gray")]
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +37,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def train_demo_lora(dataset: str, tmp: Path) -> Path:
-    from trainer.config import build_config
-    from trainer.loop import train
-
-    cfg = build_config({"preset": "demo"}, {
-        "model": {"base_model": str(DEMO_MODEL)},
-        "data": {"dataset": str(ROOT / "datasets" / dataset)},
-        "output": {"name": dataset, "lora_dir": str(tmp), "run_dir": str(tmp / f"run-{dataset}")},
-    })
-    path = train(cfg)
-    assert path is not None and path.exists()
-    return path
-
-
 @pytest.fixture(scope="module")
 def style_lora(tmp_path_factory, one_thread):
-    return train_demo_lora("demo-style", tmp_path_factory.mktemp("demo-loras"))
+    from trainer.loop import train
+
+    path = train(demo_config("demo-style", tmp_path_factory.mktemp("demo-loras")))
+    assert path is not None and path.exists()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -69,28 +55,9 @@ def generator(one_thread):
     return gen
 
 
-def pictures(generator, prompts: list[str], loras: list[tuple[Path, float]]) -> list[Image.Image]:
-    from trainer.generate import LoraSpec
-
-    specs = [LoraSpec(str(path), weight) for path, weight in loras]
-    return [generator.generate(p, specs, seed=s, steps=STEPS, cfg=CFG, sampler="euler")
-            for p in prompts for s in SEEDS]
-
-
-def sweep(generator, prompts, colours, lora: Path, score) -> dict[float, tuple[float, float]]:
-    """weight → (mean effect score, mean colour score) over prompts × seeds."""
-    out = {}
-    for weight in (0.0, 0.5, 1.0):
-        images = pictures(generator, prompts, [(lora, weight)])
-        effect = float(np.mean([score(im) for im in images]))
-        colour = float(np.mean([metrics.colour_score(im, c) for im, c in zip(images, [c for c in colours for _ in SEEDS])]))
-        out[weight] = (effect, colour)
-    return out
-
-
 def test_style_lora_adds_stripes_and_keeps_the_colour(style_lora, generator):
-    prompts = [world.style_prompt(c, s, b) for c, s, b in STYLE_PROMPTS]
-    result = sweep(generator, prompts, [c for c, _, _ in STYLE_PROMPTS], style_lora, metrics.stripe_score)
+    prompts, colours = style_prompts()  # held-out (colour, shape, background) triples
+    result = sweep(generator, prompts, colours, style_lora, metrics.stripe_score)
     (base, base_colour), (half, _), (full, full_colour) = result[0.0], result[0.5], result[1.0]
     print("style sweep (stripes, colour):", result)
     assert base < half < full  # monotonic in the LoRA weight

@@ -1,0 +1,61 @@
+"""How a demo LoRA is measured: its training config, the held-out prompts, seeds and sampler settings.
+
+One protocol for tests/test_demo_effect.py (which asserts on it) and scripts/measure_demo_loras.py (which prints
+the full sweeps for tuning presets/demo.toml), so a number from one means the same in the other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import PROJECT_ROOT, TrainConfig, build_config
+from trainer.demo import metrics, world
+from trainer.families import DEMO_MODEL_DIR
+
+DATASETS_DIR = PROJECT_ROOT / "datasets"
+SEEDS = (0, 1)
+STEPS, CFG = 15, 5.0  # Euler at 15 steps already settles these 64×64 pictures
+# Held-out prompts: none of these (colour, shape, background) triples is in datasets/demo-style; of the character
+# prompts, orange on white is not in datasets/demo-character (the others are, but not these seeds' pictures).
+STYLE_PROMPTS = [("red", "triangle", "gray"), ("green", "circle", "white"), ("blue", "square", "black"),
+                 ("yellow", "diamond", "gray")]
+CHARACTER_PROMPTS = [("red", "black"), ("green", "white"), ("blue", "gray"), ("orange", "white")]
+
+
+def demo_config(dataset: str, out_dir: Path, overrides: dict | None = None) -> TrainConfig:
+    """The demo preset on the demo model for one of world.DEMO_SETS, writing into out_dir."""
+    sections = {"model": {"base_model": str(DEMO_MODEL_DIR)}, "data": {"dataset": str(DATASETS_DIR / dataset)},
+                "output": {"name": dataset, "lora_dir": str(out_dir), "run_dir": str(out_dir / f"run-{dataset}")}}
+    for section, values in (overrides or {}).items():
+        sections.setdefault(section, {}).update(values)
+    return build_config({"preset": "demo"}, sections)
+
+
+def pictures(generator, prompts: list[str], mix: list[tuple[Path, float]]) -> list:
+    """Every prompt at every seed (prompt-major) with the LoRA mix [(file, weight)]."""
+    from trainer.generate import LoraSpec
+
+    specs = [LoraSpec(str(path), weight) for path, weight in mix]
+    return [generator.generate(p, specs, seed=s, steps=STEPS, cfg=CFG, sampler="euler")
+            for p in prompts for s in SEEDS]
+
+
+def sweep(generator, prompts: list[str], colours: list[str], lora: Path, score,
+          weights=(0.0, 0.5, 1.0)) -> dict[float, tuple[float, float]]:
+    """weight → (mean `score`, mean colour score) over prompts × seeds; colours[i] is prompt i's colour."""
+    out = {}
+    for weight in weights:
+        images = pictures(generator, prompts, [(lora, weight)])
+        per_image = [c for c in colours for _ in SEEDS]
+        out[weight] = (float(np.mean([score(im) for im in images])),
+                       float(np.mean([metrics.colour_score(im, c) for im, c in zip(images, per_image)])))
+    return out
+
+
+def style_prompts() -> tuple[list[str], list[str]]:
+    return [world.style_prompt(c, s, b) for c, s, b in STYLE_PROMPTS], [c for c, _, _ in STYLE_PROMPTS]
+
+
+def character_prompts() -> tuple[list[str], list[str]]:
+    return [world.character_prompt(c, b) for c, b in CHARACTER_PROMPTS], [c for c, _ in CHARACTER_PROMPTS]
