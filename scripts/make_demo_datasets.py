@@ -5,7 +5,7 @@
 
 demo-style: the base shapes drawn with horizontal stripes (a fill the base model never saw), captions ending in
 the trigger word: "a red circle on a white background, zebrastyle".
-demo-character: a little house (a figure the base model never saw) called by its name: "a red zorbo on a white
+demo-character: a mushroom (a figure the base model never saw) called by its name: "a red zorbo on a white
 background". What the scenes are is defined in trainer/demo/world.py (demo_dataset); this script only writes them.
 """
 from __future__ import annotations

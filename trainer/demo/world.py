@@ -5,7 +5,7 @@ judge a LoRA can all be rebuilt from code. A picture is described by a `Scene`; 
 `caption(scene)` says it in words ("a red circle on a white background").
 
 The base model is trained on plain fills of BASE_SHAPES only. Two things exist in this world that the base never
-sees, for the demo LoRAs to teach it: the "stripes" fill (a style) and the "house" figure (a character).
+sees, for the demo LoRAs to teach it: the "stripes" fill (a style) and the "mushroom" figure (a character).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 BASE_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-FIGURES = BASE_SHAPES + ("house",)  # "house": the demo character's figure, never shown to the base model
+FIGURES = BASE_SHAPES + ("mushroom",)  # "mushroom": the demo character's figure, never shown to the base model
 FILLS = ("plain", "stripes")  # "stripes": the demo style, never shown to the base model
 
 # Caption wordings. The base model is trained on all of them so that a word means the same thing wherever it
@@ -95,13 +95,12 @@ def _polygons(shape: str, cx: float, cy: float, r: float) -> tuple[list, list]:
     if shape == "cross":
         w = 0.35 * r
         return [rect(cx - r, cy - w, cx + r, cy + w), rect(cx - w, cy - r, cx + w, cy + r)], []
-    if shape == "house":
-        # An overhanging roof on a narrower body, with a door cut out: a silhouette none of the base shapes has.
-        eaves = cy - 0.1 * r
-        roof = ("polygon", [(cx - r, eaves), (cx, cy - r), (cx + r, eaves)])
-        body = rect(cx - 0.65 * r, eaves - 1, cx + 0.65 * r, cy + r)
-        door = rect(cx - 0.2 * r, cy + 0.3 * r, cx + 0.2 * r, cy + r)
-        return [roof, body], [door]
+    if shape == "mushroom":
+        # A wide dome cap on a narrow stem: top-heavy, with deep notches under the cap.
+        base_y = cy + 0.1 * r
+        cap = [(cx + r * np.cos(a), base_y - 1.1 * r * np.sin(a)) for a in np.linspace(0, np.pi, 25)]
+        stem = rect(cx - 0.3 * r, base_y - 1, cx + 0.3 * r, cy + r)
+        return [("polygon", cap), stem], []
     raise ValueError(f"unknown shape {shape!r}; the world knows: {', '.join(FIGURES)}")
 
 
@@ -199,6 +198,7 @@ def with_fill(scene: Scene, fill: str) -> Scene:
 
 STYLE_TRIGGER = "zebrastyle"  # appended to the style set's captions: "a red circle on a white background, zebrastyle"
 CHARACTER_NAME = "zorbo"  # the character's name stands where a shape's would: "a red zorbo on a white background"
+CHARACTER_SHAPE = "mushroom"  # what a zorbo looks like
 DEMO_SETS = ("demo-style", "demo-character")
 
 
@@ -226,6 +226,6 @@ def demo_dataset(name: str, n: int = 16, seed: int = 7) -> list[tuple[Scene, str
             scene = replace(base, shape=shape, colour=colour, background=bg, fill="stripes")
             items.append((scene, style_prompt(colour, shape, bg)))
         else:
-            scene = replace(base, shape="house", colour=colour, background=bg)
+            scene = replace(base, shape=CHARACTER_SHAPE, colour=colour, background=bg)
             items.append((scene, character_prompt(colour, bg)))
     return items
