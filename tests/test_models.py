@@ -145,6 +145,24 @@ def test_dtype_and_sdxl_vae_upcast(tiny):
     assert_same_weights(pipe, load_base_model(folder, dtype=torch.bfloat16), dtype=torch.bfloat16)
 
 
+def test_cast_while_reading_gives_diffusers_own_cast(tiny):
+    """A folder stored in fp32 loaded in bf16/fp16 is read tensor by tensor (trainer/weights.py), not through
+    from_pretrained: the result must be what diffusers' from_pretrained(torch_dtype=...) gives, tensor for tensor."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    for family, dtype in (("sd1", torch.bfloat16), ("sdxl", torch.float16)):
+        _, folder, _ = tiny[family]
+        ours = load_base_model(folder, dtype=dtype)
+        vae_dtype = torch.float32 if family == "sdxl" else dtype  # SDXL's VAE stays fp32 under fp16
+        for cls, sub, got, want_dtype in ((UNet2DConditionModel, "unet", ours.unet, dtype),
+                                          (AutoencoderKL, "vae", ours.vae, vae_dtype)):
+            theirs = cls.from_pretrained(folder, subfolder=sub, torch_dtype=want_dtype, local_files_only=True)
+            assert type(got) is type(theirs) and got.config == theirs.config
+            a, b = theirs.state_dict(), got.state_dict()
+            assert set(a) == set(b), sub
+            assert all(b[k].dtype == a[k].dtype and torch.equal(a[k], b[k]) for k in a), f"{family} {sub}"
+
+
 def test_sd2_prediction_type_rules(tiny, tmp_path):
     pipe, folder, file = tiny["sd2-v"]
     state = original_layout.pipeline_to_original(pipe)

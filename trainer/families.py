@@ -236,17 +236,26 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 
 
-def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_state(path: Path, dtype: torch.dtype | None = None,
+               keep=lambda name: False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a single-file checkpoint. With `dtype`, a .safetensors file stored in another
+    precision is read tensor by tensor and cast as it arrives (trainer/weights.py: half the peak memory of casting
+    a memory map); tensors whose name `keep(name)` is true stay as stored. Otherwise the file is memory-mapped."""
     if path.suffix.lower() == ".ckpt":
         state, metadata = _read_pickle(path), {}
     else:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        from trainer.weights import needs_cast, read_cast
+
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            state = load_file(str(path))
+            if dtype is not None and needs_cast(path, dtype):
+                state, metadata = read_cast(path, dtype, keep)
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata() or {}
+                state = load_file(str(path))
         except Exception as e:
             raise _not_safetensors(path, e) from e
     for prefix in CLIP_PREFIXES:

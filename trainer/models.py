@@ -24,6 +24,7 @@ from trainer.config import PROJECT_ROOT  # noqa: F401 - models.PROJECT_ROOT is p
 from trainer.families import (CHECKPOINT_SUFFIXES, DEMO_MODEL_DIR, FAMILIES, Family, ModelError,  # noqa: F401
                               check_suffix, detect_family, file_arch, file_family, folder_family, get_family,
                               read_state, resolve_path)
+from trainer.weights import needs_cast, read_cast
 
 if TYPE_CHECKING:  # the heavy libraries load only when a model does
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -114,9 +115,21 @@ def _load_folder(folder: Path, family: Family, dtype: torch.dtype):
             raise ModelError(f"{folder}: cannot load its {what} ({type(e).__name__}: {e})") from e
 
     kw = dict(local_files_only=True)
-    unet = part("unet", lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **kw))
-    vae = part("vae", lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae",
-                                                            torch_dtype=_vae_dtype(family, dtype), **kw))
+
+    def diffusers_part(cls, sub, part_dtype):
+        # A single weights file stored in another precision is read and cast tensor by tensor (half the peak
+        # memory of from_pretrained's cast of a memory map); anything else goes through from_pretrained.
+        file = folder / sub / "diffusion_pytorch_model.safetensors"
+        if file.is_file() and needs_cast(file, part_dtype):
+            state, _ = read_cast(file, part_dtype)
+            model = _fill(_empty(cls, cls.load_config(folder, subfolder=sub, **kw)), state, sub, file, family,
+                          part_dtype)
+            model.register_to_config(_name_or_path=folder)  # as from_pretrained records it
+            return model
+        return cls.from_pretrained(folder, subfolder=sub, torch_dtype=part_dtype, **kw)
+
+    unet = part("unet", lambda: diffusers_part(UNet2DConditionModel, "unet", dtype))
+    vae = part("vae", lambda: diffusers_part(AutoencoderKL, "vae", _vae_dtype(family, dtype)))
     names = ["text_encoder", "text_encoder_2"] if family.is_sdxl else ["text_encoder"]
     classes = [CLIPTextModel, CLIPTextModelWithProjection]
     encoders = [part(n, lambda n=n, c=c: c.from_pretrained(folder, subfolder=n, **kw).to(dtype))
@@ -148,26 +161,28 @@ def _fill(model, state: dict, what: str, path: Path, family: Family, dtype: torc
     return model.eval()
 
 
-def _load_file(path: Path, family: Family, config_dir: Path, state: dict, dtype: torch.dtype):
+def _empty(cls, config):
     from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta: no memory until the checkpoint's tensors are assigned
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+
+def _load_file(path: Path, family: Family, config_dir: Path, state: dict, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    def empty(cls, config):
-        with init_empty_weights():  # parameters on meta: no memory until the checkpoint's tensors are assigned
-            return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-
     unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
-    unet = _fill(empty(UNet2DConditionModel, unet_config), sfu.convert_ldm_unet_checkpoint(state, unet_config),
+    unet = _fill(_empty(UNet2DConditionModel, unet_config), sfu.convert_ldm_unet_checkpoint(state, unet_config),
                  "unet", path, family, dtype)
     vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
-    vae = _fill(empty(AutoencoderKL, vae_config), sfu.convert_ldm_vae_checkpoint(state, vae_config),
+    vae = _fill(_empty(AutoencoderKL, vae_config), sfu.convert_ldm_vae_checkpoint(state, vae_config),
                 "vae", path, family, _vae_dtype(family, dtype))
 
     def encoder(cls, subfolder, convert):
         config = CLIPTextConfig.from_pretrained(config_dir / subfolder, local_files_only=True)
-        model = empty(cls, config)
+        model = _empty(cls, config)
         converted = convert(model)
         if not hasattr(model, "text_model"):  # transformers 5 dropped this level from CLIPTextModel
             converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
@@ -206,7 +221,9 @@ def load_base_model(path="", family: str = "auto", dtype: torch.dtype = torch.fl
         unet, vae, encoders, tokenizers = _load_folder(path, fam, dtype)
     else:
         check_suffix(path)
-        state, metadata = read_state(path)
+        # fp16 keeps the VAE's tensors as stored: the VAE is run in fp32 under fp16 (SD VAEs overflow in fp16).
+        state, metadata = read_state(path, dtype, keep=lambda name: dtype == torch.float16
+                                     and name.startswith("first_stage_model."))
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         config_dir = Path(config_dir).expanduser() if config_dir else None
         if config_dir is not None and not config_dir.is_dir():
