@@ -138,6 +138,12 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         accelerator.wait_for_everyone()
         if not main:
             latents_mem = _cached_latents(ds, flips, cache, base.identity, vae, device)
+        # Every latent is cached: from here on the VAE only decodes samples. Its encoder (a third of the VAE,
+        # 0.14 GB for SD's in fp32) is dropped, not moved to "meta": the pipelines ask the VAE for its device,
+        # which is its first parameter's, and that would then be the encoder's "meta".
+        vae.encoder = None
+        if getattr(vae, "quant_conv", None) is not None:
+            vae.quant_conv = None
     text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if not net.train_text_encoder and ds.captions_fixed and tr.cache_text_encoder_outputs == "auto":
         with torch.no_grad(), accelerator.autocast():
