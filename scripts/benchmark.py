@@ -24,6 +24,9 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
   ours-auto-te  mixed_precision "auto", train_text_encoder true: the trainer's own defaults
   fwd-fp32      one forward pass of the bare UNet under no_grad, fp32: the compute floor of a step is about two
   fwd-bf16      the same with bf16 weights and inputs
+  fwdbwd-fp32   the UNet with our LoRA, forward and backward only (no data, optimiser or trainer), fp32: the
+                floor torch's kernels set for a frozen-base LoRA step
+  fwdbwd-bf16   the same with bf16 weights under bf16 autocast
 Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds.
 On a machine shared with other busy programs use --threads 1: torch's threads then wait for each other at every
 op (a rank-8 matmul took 15-25 ms with 2 threads against 0.1-0.3 ms with 1 on a loaded 2-core box), which
@@ -62,6 +65,8 @@ VARIANTS = {  # name: (kind, precision, train_text_encoder)
     "ours-auto-te": ("ours", "auto", True),
     "fwd-fp32": ("forward", "no", False),
     "fwd-bf16": ("forward", "bf16", False),
+    "fwdbwd-fp32": ("bare", "no", False),
+    "fwdbwd-bf16": ("bare", "bf16", False),
 }
 # (label, numerator, denominator, limit, bf16 CPUs only): the issue's targets; None = shown for scale only.
 TARGETS = [
@@ -73,6 +78,8 @@ TARGETS = [
     ("ours fp32 step / fp32 forward pass", "ours-fp32", "fwd-fp32", 2.3, False),
     ("ours bf16 step / bf16 forward pass", "ours-auto", "fwd-bf16", 2.3, True),
     ("reference fp32 step / fp32 forward pass (for scale)", "ref-fp32", "fwd-fp32", None, False),
+    ("bare fp32 forward+backward / fp32 forward pass (the kernels' floor)", "fwdbwd-fp32", "fwd-fp32", None, False),
+    ("bare bf16 forward+backward / bf16 forward pass (the kernels' floor)", "fwdbwd-bf16", "fwd-bf16", None, True),
 ]
 MEMORY_TARGETS = [("ours-fp32", "ref-fp32"), ("ours-fp32-te", "ref-fp32"), ("ours-auto", "ref-bf16"),
                   ("ours-auto-te", "ref-bf16"), ("ours-auto", "ref-fp32"), ("ours-auto-te", "ref-fp32")]
@@ -207,6 +214,39 @@ def run_forward(spec: dict, monitor: Monitor) -> dict:
     return {"steps": steps}
 
 
+def run_bare(spec: dict, monitor: Monitor) -> dict:
+    """The UNet with our LoRA (192 modules), one forward and backward per step, and nothing else: no data, no
+    optimiser, no trainer. What torch's kernels make of a frozen-base LoRA step; our step cannot go below it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from trainer.config import NetworkConfig
+    from trainer.network import add_lora
+
+    bf16 = spec["precision"] == "bf16"
+    unet = UNet2DConditionModel.from_pretrained(spec["model"], subfolder="unet",
+                                                torch_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                local_files_only=True)
+    add_lora(unet, [], NetworkConfig(rank=spec["rank"], alpha=float(spec["rank"]), train_text_encoder=False))
+    unet.train()
+    gen = torch.Generator().manual_seed(spec["seed"])
+    side = spec["resolution"] // 8
+    latents, text = torch.randn(1, 4, side, side, generator=gen), torch.randn(1, 77, 768, generator=gen)
+    timestep = torch.tensor([500])
+    steps = []
+    monitor.mark("steps")
+    for _ in range(spec["warmup"] + spec["steps"]):
+        t0, c0 = time.time(), os.times()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = unet(latents, timestep, text).sample
+        out.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+        c1 = os.times()
+        steps.append({"wall": time.time() - t0, "cpu": c1.user + c1.system - c0.user - c0.system})
+    monitor.mark("end")
+    return {"steps": steps}
+
+
 def child_main(spec: dict) -> None:
     sys.path.insert(0, str(ROOT))
     monitor = Monitor().start()
@@ -217,7 +257,7 @@ def child_main(spec: dict) -> None:
 
         result = benchmark_reference.run(spec, monitor)
     else:
-        result = {"build": build_model, "ours": run_ours, "forward": run_forward}[kind](spec, monitor)
+        result = {"build": build_model, "ours": run_ours, "forward": run_forward, "bare": run_bare}[kind](spec, monitor)
     monitor.stop()
     if "torch" in sys.modules:
         result["torch_threads"] = sys.modules["torch"].get_num_threads()
