@@ -20,6 +20,7 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
                 VAE latents and text-encoder outputs cached instead of recomputed
   ours-fp32-te  the same with train_text_encoder true: also trains the text encoder's LoRA, so it runs the text
                 encoder forward and backward every step (more work than the reference does)
+  ours-fp32-freed  ours-fp32 with training.return_freed_memory (the low-memory preset's allocator setting)
   ours-auto     mixed_precision "auto" (bf16 where the CPU has avx512_bf16 / AMX), train_text_encoder false
   ours-auto-te  mixed_precision "auto", train_text_encoder true: the trainer's own defaults
   fwd-fp32      one forward pass of the bare UNet under no_grad, fp32: the compute floor of a step is about two
@@ -61,6 +62,7 @@ VARIANTS = {  # name: (kind, precision, train_text_encoder)
     "ref-bf16": ("reference", "bf16", False),
     "ours-fp32": ("ours", "no", False),
     "ours-fp32-te": ("ours", "no", True),
+    "ours-fp32-freed": ("ours", "no", False),
     "ours-auto": ("ours", "auto", False),
     "ours-auto-te": ("ours", "auto", True),
     "fwd-fp32": ("forward", "no", False),
@@ -78,11 +80,12 @@ TARGETS = [
     ("ours fp32 step / fp32 forward pass", "ours-fp32", "fwd-fp32", 2.3, False),
     ("ours bf16 step / bf16 forward pass", "ours-auto", "fwd-bf16", 2.3, True),
     ("reference fp32 step / fp32 forward pass (for scale)", "ref-fp32", "fwd-fp32", None, False),
+    ("ours fp32 with training.return_freed_memory / without (its cost)", "ours-fp32-freed", "ours-fp32", None, False),
     ("bare fp32 forward+backward / fp32 forward pass (the kernels' floor)", "fwdbwd-fp32", "fwd-fp32", None, False),
     ("bare bf16 forward+backward / bf16 forward pass (the kernels' floor)", "fwdbwd-bf16", "fwd-bf16", None, True),
 ]
-MEMORY_TARGETS = [("ours-fp32", "ref-fp32"), ("ours-fp32-te", "ref-fp32"), ("ours-auto", "ref-bf16"),
-                  ("ours-auto-te", "ref-bf16"), ("ours-auto", "ref-fp32"), ("ours-auto-te", "ref-fp32")]
+MEMORY_TARGETS = [("ours-fp32", "ref-fp32"), ("ours-fp32-freed", "ref-fp32"), ("ours-fp32-te", "ref-fp32"),
+                  ("ours-auto", "ref-bf16"), ("ours-auto-te", "ref-bf16"), ("ours-auto", "ref-fp32"), ("ours-auto-te", "ref-fp32")]
 GB = 1024 ** 3
 
 
@@ -170,7 +173,8 @@ def run_ours(spec: dict, monitor: Monitor) -> dict:
         "model": {"base_model": spec["model"]},
         "data": {"dataset": spec["data"], "resolution": spec["resolution"]},
         "network": {"rank": spec["rank"], "alpha": float(spec["rank"]), "train_text_encoder": spec["te"]},
-        "training": {"steps": total, "batch_size": 1, "mixed_precision": spec["precision"], "seed": spec["seed"]},
+        "training": {"steps": total, "batch_size": 1, "mixed_precision": spec["precision"], "seed": spec["seed"],
+                     "return_freed_memory": spec.get("freed", False)},
         # The end-of-run sample is not what is measured: make it as cheap as it can be.
         "sample": {"steps": 1, "width": 64, "height": 64, "prompts": ["a benchmark"]},
         "output": {"name": "benchmark", "lora_dir": str(run / "lora"), "run_dir": str(run)},
@@ -421,7 +425,8 @@ def main(argv=None) -> int:
             for name in variants:
                 kind, precision, te = VARIANTS[name]
                 log(f"{res} px: {name} …")
-                spec = {**common, "kind": kind, "precision": precision, "te": te, "resolution": res, "data": str(data)}
+                spec = {**common, "kind": kind, "precision": precision, "te": te, "resolution": res, "data": str(data),
+                        "freed": name.endswith("-freed")}
                 rows[name] = {"precision": {"no": "fp32"}.get(precision, precision),
                               **summarise(spawn(spec, work / f"{res}-{name}", args.threads), args.warmup)}
                 r = rows[name]

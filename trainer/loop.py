@@ -7,9 +7,11 @@ exactly like one process at batch N·b (DDP averages the gradients).
 from __future__ import annotations
 
 import base64
+import ctypes
 import io
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -63,12 +65,35 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
+# glibc's mallopt(M_MMAP_THRESHOLD, n): blocks of n bytes and more get their own memory map, unmapped when freed.
+M_MMAP_THRESHOLD, BIG_BLOCK = -3, 4 * 2**20
+
+
+def return_big_blocks_to_the_os() -> None:
+    """training.return_freed_memory: freed activations (MBs each, thousands per step on a CPU) go back to the OS.
+
+    glibc otherwise raises its map threshold as big blocks are freed, then keeps them on its heap, which
+    fragments between the set-up (VAE encoding at full resolution) and the steps and between forward and
+    backward. SD 1.5 at 512 px, fp32, on this project's CPU: peak RSS 7.5 -> 6.5 GB, but 22 -> 24.5 s/step,
+    since every big block is then a fresh, zeroed mapping (a 32 MB threshold kept the speed and the 7.5 GB).
+    Hence off by default and on in the low-memory preset. Linux/glibc only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, BIG_BLOCK)
+    except (OSError, AttributeError):  # another C library (musl): its allocator has no such setting
+        pass
+
+
 def part_names(n_encoders: int) -> list[str]:
     return ["text_encoder", "text_encoder_2"][:n_encoders]
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = None) -> Path | None:
     """Train; returns the exported LoRA path, or None when stopped early (a checkpoint is saved then)."""
+    if cfg.training.return_freed_memory:
+        return_big_blocks_to_the_os()
     probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.training.mixed_precision, probe_device)
     accelerator = Accelerator(mixed_precision=precision, cpu=probe_device.type == "cpu")
