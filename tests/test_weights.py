@@ -55,6 +55,19 @@ def test_needs_cast_looks_at_floating_dtypes_only(tmp_path):
     assert needs_cast(path, torch.float32)
 
 
+def test_a_dtype_this_reader_does_not_know_is_left_to_safetensors(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]},
+                         "b": {"dtype": "F32", "shape": [1], "data_offsets": [1, 5]}}).encode()
+    path = tmp_path / "fp4.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(5))
+    assert not needs_cast(path, torch.bfloat16)
+    with pytest.raises(WeightsError, match="F4"):
+        read_cast(path, torch.bfloat16)
+
+
 def test_damaged_files_are_errors_naming_the_file(mixed, tmp_path):
     path, _ = mixed
     truncated = tmp_path / "truncated.safetensors"

@@ -49,10 +49,13 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]
 
 
 def needs_cast(path: str | Path, dtype: torch.dtype) -> bool:
-    """True if some floating-point tensor of the file is stored in another dtype than `dtype`."""
+    """True if some floating-point tensor of the file is stored in another dtype than `dtype`. False when the file
+    holds a dtype this reader does not know: safetensors' own reader (the callers' other path) may know it."""
     entries, _, _ = read_header(path)
-    return any(DTYPES.get(e["dtype"], torch.float32).is_floating_point and DTYPES.get(e["dtype"]) != dtype
-               for e in entries.values())
+    stored = [DTYPES.get(e.get("dtype")) for e in entries.values()]
+    if None in stored:
+        return False
+    return any(d.is_floating_point and d != dtype for d in stored)
 
 
 def read_cast(path: str | Path, dtype: torch.dtype | None,
