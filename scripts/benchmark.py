@@ -225,7 +225,7 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
     from diffusers import UNet2DConditionModel
 
     from trainer.config import NetworkConfig
-    from trainer.lean import lean_feedforward
+    from trainer.lean import lean_forwards
     from trainer.network import add_lora
 
     bf16 = spec["precision"] == "bf16"
@@ -233,7 +233,7 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
                                                 torch_dtype=torch.bfloat16 if bf16 else torch.float32,
                                                 local_files_only=True)
     add_lora(unet, [], NetworkConfig(rank=spec["rank"], alpha=float(spec["rank"]), train_text_encoder=False))
-    lean_feedforward(unet)  # as the trainer does
+    lean_forwards(unet)  # as the trainer does
     unet.train()
     gen = torch.Generator().manual_seed(spec["seed"])
     side = spec["resolution"] // 8

@@ -126,7 +126,6 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_p
 def open_clip_to_original(text_encoder, prefix: str, extra_layer: bool = False,
                           projection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     sd = {_strip_text_model(k): v for k, v in text_encoder.state_dict().items()}
-    hidden = text_encoder.config.hidden_size
     out = {f"{prefix}token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
            f"{prefix}positional_embedding": sd.pop("embeddings.position_embedding.weight"),
            f"{prefix}ln_final.weight": sd.pop("final_layer_norm.weight"),

@@ -6,7 +6,7 @@ import torch
 
 import tiny_models
 from trainer.config import NetworkConfig
-from trainer.lean import lean_feedforward, plain_feedforward
+from trainer.lean import lean_forwards, plain_forwards
 from trainer.network import add_lora, lora_parameters
 
 
@@ -45,7 +45,9 @@ def _step(unet, inputs, bf16: bool = False):
 def test_same_output_and_gradients_as_diffusers_forward(family):
     plain = _unet(family)
     lean = copy.deepcopy(plain)
-    assert lean_feedforward(lean) == sum(1 for n, _ in lean.named_modules() if n.endswith(".ff"))
+    n_ff = sum(1 for n, _ in lean.named_modules() if n.endswith(".ff"))
+    n_conv = sum(1 for m in lean.modules() if type(m) is torch.nn.Conv2d)
+    assert lean_forwards(lean) == n_ff + n_conv
     inputs = _inputs(plain, family)
     out_plain, grads_plain = _step(plain, inputs)
     out_lean, grads_lean = _step(lean, inputs)
@@ -57,7 +59,7 @@ def test_same_output_and_gradients_as_diffusers_forward(family):
 def test_same_under_bf16_autocast_as_diffusers_forward():
     plain = _unet()
     lean = copy.deepcopy(plain)
-    lean_feedforward(lean)
+    lean_forwards(lean)
     inputs = _inputs(plain, "sd1")
     out_plain, grads_plain = _step(plain, inputs, bf16=True)
     out_lean, grads_lean = _step(lean, inputs, bf16=True)
@@ -86,39 +88,67 @@ def _saved_bytes(unet, inputs) -> int:
     return sum(seen.values())
 
 
-def test_keeps_eight_fewer_widths_per_feedforward():
+def _inputs_seen(model, inputs, names) -> dict[str, torch.Tensor]:
+    """Each named module's input in one forward, through forward hooks (independent of lean.py)."""
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0])  # returns None: the output stays as it is
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if name in names]
+    model(*inputs[:3], **inputs[3])
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_feedforward_keeps_eight_fewer_widths():
     plain = _unet()
     lean = copy.deepcopy(plain)
-    lean_feedforward(lean)
+    lean_forwards(lean, convolution=False)
     inputs = _inputs(plain, "sd1")
     # Each feed-forward no longer keeps gelu(g) nor the product: 2 tensors of 4x its width, per token.
-    expected = 0
-    for name, module in plain.named_modules():
-        if name.endswith(".ff"):
-            inner = module.net[2].in_features
-            tokens = {}
-            hook = module.register_forward_hook(lambda m, a, o: tokens.setdefault("n", a[0].shape[:-1].numel()))
-            plain(*inputs[:3], **inputs[3])
-            hook.remove()
-            expected += 2 * tokens["n"] * inner * 4  # fp32
+    ffs = {name: m for name, m in plain.named_modules() if name.endswith(".ff")}
+    seen = _inputs_seen(plain, inputs, ffs)
+    expected = sum(2 * seen[name].shape[:-1].numel() * ffs[name].net[2].in_features * 4 for name in ffs)
+    assert expected > 0
+    assert _saved_bytes(plain, inputs) - _saved_bytes(lean, inputs) == expected
+
+
+def test_frozen_convolutions_keep_no_input():
+    plain = _unet()
+    lean = copy.deepcopy(plain)
+    lean_forwards(lean, feedforward=False)
+    inputs = _inputs(plain, "sd1")
+    # The inputs only a convolution keeps for backward: a ResNet's conv1 / conv2 (SiLU outputs), the up- and
+    # downsamplers' convs and conv_out. (GroupNorm keeps a shortcut's input; LoRA's down-projection a proj_in's.)
+    # Those before the first LoRA need no gradient and were never kept. The downsamplers' inputs stay alive as
+    # skip connections, so not keeping them frees nothing; the others are freed.
+    names = {n for n, m in plain.named_modules() if type(m) is torch.nn.Conv2d
+             and (n.endswith((".conv1", ".conv2")) or "samplers." in n or n == "conv_out")}
+    seen = _inputs_seen(plain, inputs, names)
+    assert len(seen) == len(names) > 10
+    expected = sum(t.numel() * t.element_size() for t in seen.values() if t.requires_grad)
     assert _saved_bytes(plain, inputs) - _saved_bytes(lean, inputs) == expected
 
 
 def test_falls_back_to_diffusers_forward_when_fusing_would_differ():
     unet = _unet(dropout=0.5)  # LoRA dropout: the fused path does not apply it
     reference = copy.deepcopy(unet)
-    lean_feedforward(unet)
+    lean_forwards(unet)
     inputs = _inputs(unet, "sd1")
     torch.manual_seed(5)
     out, grads = _step(unet, inputs)
     torch.manual_seed(5)
     out_ref, grads_ref = _step(reference, inputs)
     assert torch.equal(out, out_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
-    # No grad (sampling during training) and after plain_feedforward: diffusers' forward, bit for bit.
+    # No grad (sampling during training) and after plain_forwards: diffusers' forward, bit for bit.
     unet = _unet()
     reference = copy.deepcopy(unet)
-    lean_feedforward(unet)
+    lean_forwards(unet)
     with torch.no_grad():
         assert torch.equal(unet(*inputs[:3]).sample, reference(*inputs[:3]).sample)
-    plain_feedforward(unet)
+    plain_forwards(unet)
     assert not any("forward" in vars(m) for m in unet.modules())

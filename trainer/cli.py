@@ -80,7 +80,7 @@ def _lora_arg(item: str):
 
 
 def cmd_generate(args) -> int:
-    from .generate import Generator, LoraSpec
+    from .generate import Generator
     from .models import default_base_model
 
     specs = [_lora_arg(item) for item in args.lora or []]

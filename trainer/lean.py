@@ -1,4 +1,6 @@
-"""A feed-forward that keeps fewer activations for backward while training, with the same results.
+"""Training-only forward paths that keep fewer activations for backward, with the same results.
+
+1. The feed-forward.
 
 Each transformer block of an SD UNet ends in a feed-forward: h = proj(x); a, g = h.chunk(2); y = out(a * gelu(g)),
 with `proj` 8 and `a * gelu(g)` 4 times the block's width. Autograd keeps h, gelu(g) (for the product's backward)
@@ -10,6 +12,10 @@ Here the product and `out` (its frozen Linear plus its LoRA) are one autograd fu
 rank-wide LoRA intermediate, and recomputes a * gelu(g) in backward (elementwise, a small cost next to the
 matmuls): 8 widths instead of 16. The frozen base weight is never copied. Anything unusual (dropout, DoRA,
 several or disabled adapters, merged weights, no grad) takes diffusers' own forward.
+
+2. Frozen convolutions. Autograd keeps a convolution's input even when its weight is frozen, although the input's
+gradient needs only the weight. In a ResNet block the inputs of conv1, conv2 and of the upsamplers' convs are SiLU
+or interpolation outputs that nothing else keeps, so not keeping them frees them (33 of the 445 MB above).
 """
 from __future__ import annotations
 
@@ -70,6 +76,35 @@ class _GatedLoraOut(torch.autograd.Function):
         return grad_h, None, None, grad_down, grad_up, None
 
 
+class _FrozenConv(torch.autograd.Function):
+    """F.conv2d with a frozen weight that keeps only the input's shape: its gradient needs the weight alone."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding,
+                         dilation, groups)
+        ctx.save_for_backward(weight)
+        ctx.shape, ctx.x_dtype, ctx.dtype, ctx.conv = x.shape, x.dtype, dtype, (stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        with torch.autocast(grad_y.device.type, enabled=False):
+            grad_x = torch.nn.grad.conv2d_input(ctx.shape, weight.to(ctx.dtype), grad_y.to(ctx.dtype), stride,
+                                                padding, dilation, groups)
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
+
+
+def _lean_conv_forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad) or self.weight.requires_grad:
+        return type(self).forward(self, x)
+    return _FrozenConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def _plain_adapter(layer: LoraLinear) -> str | None:
     """The one active vanilla LoRA adapter of `layer`, or None when the fused path would change the result."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
@@ -92,19 +127,26 @@ def _lean_forward(self: FeedForward, hidden_states: torch.Tensor, *args, **kwarg
                                out.lora_B[adapter].weight, out.scaling[adapter])
 
 
-def lean_feedforward(model: torch.nn.Module) -> int:
-    """Give every GEGLU feed-forward whose output Linear carries a LoRA the lean forward; returns how many."""
+def lean_forwards(model: torch.nn.Module, feedforward: bool = True, convolution: bool = True) -> int:
+    """Give every GEGLU feed-forward whose output Linear carries a LoRA, and every plain Conv2d, the lean forward
+    (each checks at every call that it applies: frozen weight, grad enabled); returns how many modules."""
     count = 0
     for module in model.modules():
-        if (isinstance(module, FeedForward) and len(module.net) == 3 and type(module.net[0]) is GEGLU
+        if "forward" in vars(module):  # already wrapped (by us, or by accelerate's hooks): leave it
+            continue
+        if (feedforward and isinstance(module, FeedForward) and len(module.net) == 3 and type(module.net[0]) is GEGLU
                 and isinstance(module.net[1], torch.nn.Dropout) and isinstance(module.net[2], LoraLinear)):
             module.forward = types.MethodType(_lean_forward, module)
+            count += 1
+        elif (convolution and type(module) is torch.nn.Conv2d and module.padding_mode == "zeros"
+              and isinstance(module.padding, tuple)):
+            module.forward = types.MethodType(_lean_conv_forward, module)
             count += 1
     return count
 
 
-def plain_feedforward(model: torch.nn.Module) -> None:
-    """Undo lean_feedforward (diffusers' forward again)."""
+def plain_forwards(model: torch.nn.Module) -> None:
+    """Undo lean_forwards (the modules' own forward again)."""
     for module in model.modules():
-        if isinstance(module, FeedForward) and "forward" in vars(module):
+        if getattr(vars(module).get("forward"), "__func__", None) in (_lean_forward, _lean_conv_forward):
             del module.forward

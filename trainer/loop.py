@@ -33,7 +33,7 @@ from .generate import encode_prompt, make_pipeline, render_embeds
 from .lora_file import save_lora, to_diffusers, to_kohya, text_encoder_prefixes
 from .metadata import RunInfo, base_model_name, build_metadata
 from .models import default_base_model, load_base_model
-from .lean import lean_feedforward
+from .lean import lean_forwards
 from .network import add_lora, load_lora_state, lora_parameters, lora_state
 from .optim import make_optimizer, make_scheduler
 
@@ -144,7 +144,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     # --- Network: LoRA adapters on the UNet and (optionally) the text encoders --------------------------------
     torch.manual_seed(tr.seed)  # the same LoRA init on every process and in every run with this seed
     add_lora(unet, encoders, net)
-    lean_feedforward(unet)  # keeps half the feed-forwards' activations for backward, same results (lean.py)
+    lean_forwards(unet)  # fewer activations kept for backward, same results (lean.py)
     trained = [unet] + (encoders if net.train_text_encoder else [])
     names = ["unet"] + (part_names(len(encoders)) if net.train_text_encoder else [])
     if tr.gradient_checkpointing:
