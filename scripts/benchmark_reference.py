@@ -8,7 +8,11 @@ What it keeps from that script, on purpose (it is the baseline, not a second tra
   targets kohya's 192: these plus proj_in / proj_out / ff.net.0.proj / ff.net.2);
 - every step runs the VAE encoder (a latent *sample*) and the frozen text encoder, then the UNet under
   accelerate's autocast (accelerator.prepare wraps its forward), MSE loss, backward, clip_grad_norm_, AdamW,
-  constant LR; the loss is gathered and read with .item() as the script logs it.
+  constant LR; the loss is gathered and read with .item() as the script logs it;
+- with spec["te"] (variant ref-fp32-te) the text encoder's LoRA trains too, the way diffusers'
+  examples/dreambooth/train_dreambooth_lora.py --train_text_encoder does it: r = alpha = rank, gaussian, on
+  q/k/v/out_proj (48 modules in CLIP-L; ours adds fc1/fc2: kohya's 72), its parameters in the same AdamW, the
+  encoder in train mode, prepared by accelerate, run with grad every step.
 The image pipeline is the script's (resize, center crop, to [-1, 1]) done with PIL and numpy: torchvision is not
 installed here, and at batch 1 it costs milliseconds either way.
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def _pixels(path: Path, resolution: int) -> torch.Tensor:
@@ -71,9 +76,15 @@ def run(spec: dict, monitor) -> dict:
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     unet.add_adapter(unet_lora_config)
+    train_te = spec.get("te", False)
+    if train_te:
+        text_encoder.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], init_lora_weights="gaussian",
+                                            target_modules=TEXT_TARGET_MODULES))
     if mixed_precision == "fp16":
-        cast_training_params(unet, dtype=torch.float32)
+        cast_training_params([unet, text_encoder] if train_te else unet, dtype=torch.float32)
     lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    if train_te:
+        lora_layers += [p for p in text_encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     # The dataset: every image with its caption, tokenized like tokenize_captions() does.
@@ -91,12 +102,18 @@ def run(spec: dict, monitor) -> dict:
     total = spec["warmup"] + spec["steps"]
     train_dataloader = torch.utils.data.DataLoader(examples, shuffle=True, collate_fn=collate_fn, batch_size=1)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
+    if train_te:
+        unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, train_dataloader, lr_scheduler)
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                              lr_scheduler)
 
     steps, global_step = [], 0
     monitor.mark("steps")
     unet.train()
+    if train_te:
+        text_encoder.train()
     while global_step < total:
         for batch in train_dataloader:
             t0, c0 = time.time(), _cpu()
@@ -126,6 +143,7 @@ def run(spec: dict, monitor) -> dict:
                 break
     monitor.mark("end")
     n_lora = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    n_lora += sum(1 for n, _ in text_encoder.named_modules() if n.endswith(".lora_A")) if train_te else 0
     return {"steps": steps, "lora_modules": n_lora, "lora_dtype": str(lora_layers[0].dtype)}
 
 

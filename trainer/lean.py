@@ -99,8 +99,12 @@ class _FrozenConv(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
 
 
+def _frozen(layer: torch.nn.Module) -> bool:
+    return not any(p.requires_grad for p in (layer.weight, layer.bias) if p is not None)
+
+
 def _lean_conv_forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if not (torch.is_grad_enabled() and x.requires_grad) or self.weight.requires_grad:
+    if not (torch.is_grad_enabled() and x.requires_grad and _frozen(self)):
         return type(self).forward(self, x)
     return _FrozenConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -112,7 +116,7 @@ def _plain_adapter(layer: LoraLinear) -> str | None:
     name = layer.active_adapters[0]
     if (name not in layer.lora_A or name in getattr(layer, "lora_variant", {})
             or not isinstance(layer.lora_dropout[name], torch.nn.Identity) or layer.lora_B[name].bias is not None
-            or not isinstance(layer.get_base_layer(), torch.nn.Linear)):
+            or not isinstance(layer.get_base_layer(), torch.nn.Linear) or not _frozen(layer.get_base_layer())):
         return None
     return name
 
