@@ -15,20 +15,17 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
   ref-fp32      scripts/benchmark_reference.py, fp32: diffusers' train_text_to_image_lora.py loop, VAE encoder and
                 text encoder run every step, LoRA on to_q/k/v/out of the UNet
   ref-bf16      the same with --mixed_precision bf16: bf16 frozen weights, the UNet under bf16 autocast
-  ref-fp32-te   ref-fp32 that also trains a text-encoder LoRA, as diffusers' train_dreambooth_lora.py
-                --train_text_encoder does (q/k/v/out_proj): the equal-settings reference for ours-fp32-te
+  ref-fp32-te   ref-fp32 also training a text-encoder LoRA like train_dreambooth_lora.py --train_text_encoder
   ours-fp32     trainer.loop.train, mixed_precision "no", train_text_encoder false: the same training as the
                 reference (a UNet-only LoRA; ours also targets proj_in/out and the feed-forward, 192 modules), with
                 VAE latents and text-encoder outputs cached instead of recomputed
-  ours-fp32-te  the same with train_text_encoder true: also trains the text encoder's LoRA, so it runs the text
-                encoder forward and backward every step (compared with ref-fp32-te)
+  ours-fp32-te  the same with train_text_encoder true: the text encoder runs forward and backward every step
   ours-fp32-freed  ours-fp32 with training.return_freed_memory (the low-memory preset's allocator setting)
   ours-auto     mixed_precision "auto" (bf16 where the CPU has avx512_bf16 / AMX), train_text_encoder false
   ours-auto-te  mixed_precision "auto", train_text_encoder true: the trainer's own defaults
   fwd-fp32      one forward pass of the bare UNet under no_grad, fp32: the compute floor of a step is about two
   fwd-bf16      the same with bf16 weights and inputs
-  fwdbwd-fp32   the UNet with our LoRA, forward and backward only (no data, optimiser or trainer), fp32: the
-                floor torch's kernels set for a frozen-base LoRA step
+  fwdbwd-fp32   the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
   fwdbwd-bf16   the same with bf16 weights under bf16 autocast
 Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds.
 On a machine shared with other busy programs use --threads 1: torch's threads then wait for each other at every
