@@ -128,7 +128,17 @@ def test_train_then_stack_and_generate(studio, browser, shots, second_lora, tmp_
     assert preset.input_value() == "demo"
     field(page, "lora-name").fill("browser-style")
     page.get_by_text("Advanced").click()
-    page.get_by_label("Sample images every N steps").fill("100")
+    every = page.get_by_label("Sample images every N steps")
+    # Typed the instant the accordion opens, a value was once lost to its late render (the run sampled only at
+    # the end): type it once the field has settled, leave it (Tab commits it), and check it stuck.
+    every.wait_for(state="visible")
+    for _ in range(3):
+        every.fill("100")
+        every.press("Tab")
+        page.wait_for_timeout(300)
+        if every.input_value() == "100":
+            break
+    assert every.input_value() == "100", every.input_value()
     page.get_by_label("Sample prompts").fill("a red circle on a white background, zebrastyle")
     page.locator("#check-dataset").click()
     page.wait_for_function("document.querySelector('#dataset-report textarea').value.includes('Usable')",
@@ -136,6 +146,7 @@ def test_train_then_stack_and_generate(studio, browser, shots, second_lora, tmp_
     report = field(page, "dataset-report").input_value()
     assert "Usable: yes" in report and f"{len(images)} images" in report
     shots.take(page, "dataset-checked")
+    assert every.input_value() == "100", "the sampling interval is still set when Start is pressed"
     page.locator("#start").click()
     wait_status(page, ("starting", "running"), 60)
     shots.take(page, "started")
