@@ -75,8 +75,9 @@ def return_big_blocks_to_the_os() -> None:
 
     glibc otherwise raises its map threshold as big blocks are freed, then keeps them on its heap, which
     fragments between the set-up (VAE encoding at full resolution) and the steps and between forward and
-    backward. SD 1.5 at 512 px, fp32, on this project's CPU: peak RSS 7.5 -> 6.5 GB, but 22 -> 24.5 s/step,
-    since every big block is then a fresh, zeroed mapping (a 32 MB threshold kept the speed and the 7.5 GB).
+    backward. SD 1.5 at 512 px, fp32, on this project's CPU: peak RSS 7.5 -> 6.5 GB (7.0 -> 6.1 GB since
+    lean.py), but 4-12% slower steps over several benchmark runs, since every big block is then a fresh, zeroed
+    mapping (a 32 MB threshold kept the speed and the peak).
     Hence off by default and on in the low-memory preset. Linux/glibc only; elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
