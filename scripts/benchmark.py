@@ -27,6 +27,7 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
   fwd-bf16      the same with bf16 weights and inputs
   fwdbwd-fp32   the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
   fwdbwd-bf16   the same with bf16 weights under bf16 autocast
+  (fwd and fwdbwd use the trainer's allocator setting, trainer/memory.py; the reference keeps glibc's defaults)
 Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds.
 On a machine shared with other busy programs use --threads 1: torch's threads then wait for each other at every
 op (a rank-8 matmul took 15-25 ms with 2 threads against 0.1-0.3 ms with 1 on a loaded 2-core box), which
@@ -199,6 +200,9 @@ def run_forward(spec: dict, monitor: Monitor) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from trainer.memory import keep_freed_memory
+
+    keep_freed_memory()  # our process's allocator setting, as the trainer's and the bare variant's
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(spec["model"], subfolder="unet", torch_dtype=dtype,
                                                 local_files_only=True).eval()
@@ -227,8 +231,10 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
 
     from trainer.config import NetworkConfig
     from trainer.lean import lean_forwards
+    from trainer.memory import keep_freed_memory
     from trainer.network import add_lora
 
+    keep_freed_memory()  # as the trainer does on the CPU
     bf16 = spec["precision"] == "bf16"
     unet = UNet2DConditionModel.from_pretrained(spec["model"], subfolder="unet",
                                                 torch_dtype=torch.bfloat16 if bf16 else torch.float32,

@@ -7,11 +7,9 @@ exactly like one process at batch N·b (DDP averages the gradients).
 from __future__ import annotations
 
 import base64
-import ctypes
 import io
 import math
 import signal
-import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -34,6 +32,7 @@ from .lora_file import save_lora, to_diffusers, to_kohya, text_encoder_prefixes
 from .metadata import RunInfo, base_model_name, build_metadata
 from .models import default_base_model, load_base_model
 from .lean import lean_forwards
+from .memory import keep_freed_memory, release_file_pages, return_big_blocks_to_the_os, trim_heap
 from .network import add_lora, load_lora_state, lora_parameters, lora_state
 from .optim import make_optimizer, make_scheduler
 
@@ -66,37 +65,17 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
-# glibc's mallopt(M_MMAP_THRESHOLD, n): blocks of n bytes and more get their own memory map, unmapped when freed.
-M_MMAP_THRESHOLD, BIG_BLOCK = -3, 4 * 2**20
-
-
-def return_big_blocks_to_the_os() -> None:
-    """training.return_freed_memory: freed activations (MBs each, thousands per step on a CPU) go back to the OS.
-
-    glibc otherwise raises its map threshold as big blocks are freed, then keeps them on its heap, which
-    fragments between the set-up (VAE encoding at full resolution) and the steps and between forward and
-    backward. SD 1.5 at 512 px, fp32, on this project's CPU: peak RSS 7.5 -> 6.5 GB (7.0 -> 6.1 GB since
-    lean.py), but 4-12% slower steps over several benchmark runs, since every big block is then a fresh, zeroed
-    mapping (a 32 MB threshold kept the speed and the peak).
-    Hence off by default and on in the low-memory preset. Linux/glibc only; elsewhere a no-op.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, BIG_BLOCK)
-    except (OSError, AttributeError):  # another C library (musl): its allocator has no such setting
-        pass
-
-
 def part_names(n_encoders: int) -> list[str]:
     return ["text_encoder", "text_encoder_2"][:n_encoders]
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = None) -> Path | None:
     """Train; returns the exported LoRA path, or None when stopped early (a checkpoint is saved then)."""
+    probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.training.return_freed_memory:
         return_big_blocks_to_the_os()
-    probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif probe_device.type == "cpu":
+        keep_freed_memory()  # activations live in host memory: reuse freed blocks, no page faults (memory.py)
     precision = resolve_precision(cfg.training.mixed_precision, probe_device)
     accelerator = Accelerator(mixed_precision=precision, cpu=probe_device.type == "cpu")
     events = EventLog(cfg.run_path(), enabled=accelerator.is_main_process)
@@ -168,7 +147,10 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
             latents_mem = _cached_latents(ds, flips, cache, base.identity, vae, device)
         # Every latent is cached: from here on the VAE only decodes samples. Its encoder (a third of the VAE,
         # 0.14 GB for SD's in fp32) is dropped, not moved to "meta": the pipelines ask the VAE for its device,
-        # which is its first parameter's, and that would then be the encoder's "meta".
+        # which is its first parameter's, and that would then be the encoder's "meta". An encoder read from a
+        # memory-mapped file keeps its pages resident while the decoder maps the same file: drop them too.
+        release_file_pages([p for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None
+                            for p in m.parameters()])
         vae.encoder = None
         if getattr(vae, "quant_conv", None) is not None:
             vae.quant_conv = None
@@ -246,6 +228,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         return path
 
     def sample(tag: str) -> list[str]:
+        trim_heap()  # the steps' freed activations, kept for the next step, need not sit under the decoder too
         width = cfg.sample.width or cfg.data.resolution
         height = cfg.sample.height or cfg.data.resolution
         live_encoders = [None] * len(encoders) if sample_embeds else encoders  # None: freed, embeddings ready
@@ -266,10 +249,14 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
                 paths.append(str(path))
         for m in trained:
             m.train()
+        # A memory-mapped decoder's pages would stay resident through the steps; the next sample re-reads them.
+        release_file_pages([p for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None
+                            for p in m.parameters()])
         events.emit("sample", step=step, paths=paths, prompts=sample_prompts)
         return paths
 
     # --- The steps: a flat stream of micro-batches, epoch after epoch ----------------------------------------------
+    trim_heap()  # the set-up's freed buffers (full-resolution VAE encoding, loading) are not the steps' sizes
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=cfg.output.name, unit="step")
     micro, loss_sum, t_last, it_s = 0, 0.0, time.time(), 0.0
     batches, batches_epoch = None, None
