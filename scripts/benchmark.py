@@ -230,6 +230,7 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
     from diffusers import UNet2DConditionModel
 
     from trainer.config import NetworkConfig
+    from trainer.cpu_attention import use_cpu_training_attention
     from trainer.lean import lean_forwards
     from trainer.memory import keep_freed_memory
     from trainer.network import add_lora
@@ -241,6 +242,7 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
                                                 local_files_only=True)
     add_lora(unet, [], NetworkConfig(rank=spec["rank"], alpha=float(spec["rank"]), train_text_encoder=False))
     lean_forwards(unet)  # as the trainer does
+    use_cpu_training_attention(unet)
     unet.train()
     gen = torch.Generator().manual_seed(spec["seed"])
     side = spec["resolution"] // 8

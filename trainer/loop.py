@@ -25,6 +25,7 @@ from PIL import Image
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import encode_text, sdxl_time_ids
 from .config import ConfigError, TrainConfig, save_config
+from .cpu_attention import use_cpu_training_attention
 from .data import Draw, LatentCache, latent_key, load_dataset
 from .events import EventLog
 from .generate import encode_prompt, make_pipeline, render_embeds
@@ -125,6 +126,8 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     torch.manual_seed(tr.seed)  # the same LoRA init on every process and in every run with this seed
     add_lora(unet, encoders, net)
     lean_forwards(unet)  # fewer activations kept for backward, same results (lean.py)
+    if device.type == "cpu":
+        use_cpu_training_attention(unet)  # bf16 attention backward without recomputation (cpu_attention.py)
     trained = [unet] + (encoders if net.train_text_encoder else [])
     names = ["unet"] + (part_names(len(encoders)) if net.train_text_encoder else [])
     if tr.gradient_checkpointing:

@@ -1,0 +1,115 @@
+"""cpu_attention.py: the saved-probabilities attention against finite differences, SDPA and an fp32 UNet."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_lean import _inputs, _step, _unet
+from trainer import cpu_attention
+from trainer.cpu_attention import SavedProbabilities, keeps_probabilities, use_cpu_training_attention
+
+
+def _qkv(dtype, lq=5, lk=7, heads=2, dim=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, heads, n, dim, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+            for n in (lq, lk, lk)]
+
+
+def test_backward_matches_finite_differences():
+    q, k, v = _qkv(torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: SavedProbabilities.apply(q, k, v, 0.7), (q, k, v))
+
+
+def test_forward_and_gradients_equal_sdpa_in_float64():
+    q, k, v = _qkv(torch.float64, lq=9, lk=4, dim=8)
+    grad = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    ours = SavedProbabilities.apply(q, k, v, 8 ** -0.5)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_which_calls_keep_probabilities():
+    def shapes(lq, lk, dtype=torch.bfloat16, heads=8):
+        return torch.empty(1, heads, lq, 40, dtype=dtype), torch.empty(1, heads, lk, 40, dtype=dtype)
+
+    assert keeps_probabilities(*shapes(1024, 1024))  # SD 1.5 at 256 px: 16 MB of probabilities
+    assert keeps_probabilities(*shapes(4096, 77))  # cross-attention at 512 px
+    assert not keeps_probabilities(*shapes(4096, 4096))  # 268 MB per layer, and flash is faster there
+    assert not keeps_probabilities(*shapes(64, 64, torch.float32))  # fp32: flash is faster for long sequences
+    with torch.no_grad():
+        assert not keeps_probabilities(*shapes(64, 64))  # nothing to keep for
+
+
+def test_every_unet_attention_takes_it_in_bf16_training_with_diffusers_results(monkeypatch):
+    """The processor's wiring: in float64 (path forced), outputs and LoRA gradients equal diffusers' processor;
+    under bf16 autocast every attention layer of the UNet takes the saved-probabilities path."""
+    flash = _unet().double()
+    ours = copy.deepcopy(flash)
+    use_cpu_training_attention(ours)
+    x, t, text, kwargs = _inputs(flash, "sd1")
+    inputs = (x.double(), t, text.double(), kwargs)
+    monkeypatch.setattr(cpu_attention, "keeps_probabilities", lambda q, k: torch.is_grad_enabled())
+    out_flash, grads_flash = _step(flash, inputs)
+    out_ours, grads_ours = _step(ours, inputs)
+    torch.testing.assert_close(out_ours, out_flash, rtol=1e-6, atol=1e-6)  # _step returns float32 outputs
+    for a, b in zip(grads_ours, grads_flash):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+    monkeypatch.undo()
+    calls = []
+    apply = SavedProbabilities.apply
+    monkeypatch.setattr(cpu_attention.SavedProbabilities, "apply", lambda *a: calls.append(1) or apply(*a))
+    ours = ours.float()
+    _step(ours, _inputs(ours, "sd1"), bf16=True)
+    assert len(calls) == sum(1 for n, _ in ours.named_modules() if n.endswith((".attn1", ".attn2")))
+
+
+@pytest.mark.parametrize("context", [None, 77])
+def test_attention_layer_in_bf16_is_as_close_to_exact_as_flash(context):
+    """One SD-sized attention layer (self- or cross-attention) under bf16 autocast, ours and diffusers' flash
+    attention, each against the same layer in float64: ours may round at most about twice as much."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(query_dim=320, cross_attention_dim=768 if context else None, heads=8, dim_head=40)
+    x = torch.randn(1, 256, 320)
+    ctx = torch.randn(1, context, 768) if context else None
+    grad = torch.randn(1, 256, 320)
+
+    def run(model, dtype, bf16):
+        model = copy.deepcopy(model).to(dtype)
+        inp = x.to(dtype).clone().requires_grad_()  # a fresh leaf: .to(float32) would return x itself
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(inp, None if ctx is None else ctx.to(dtype))
+        out.backward(grad.to(out.dtype))
+        return [out.double(), inp.grad.double()] + [p.grad.double() for p in model.parameters()]
+
+    exact = run(layer, torch.float64, False)
+    flash = run(layer, torch.float32, True)
+    ours_layer = copy.deepcopy(layer)
+    ours_layer.set_processor(cpu_attention.CpuTrainingAttnProcessor())
+    ours = run(ours_layer, torch.float32, True)
+    for a, b, e in zip(ours, flash, exact):
+        err_ours, err_flash = ((a - e).norm() / e.norm()).item(), ((b - e).norm() / e.norm()).item()
+        assert err_ours < max(2.5 * err_flash, 1e-3) and err_ours < 2e-2, (err_ours, err_flash)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_other_calls_are_diffusers_own_attention(bf16):
+    """fp32 training, and any forward without gradients (sampling), give exactly diffusers' results."""
+    flash = _unet()
+    ours = copy.deepcopy(flash)
+    use_cpu_training_attention(ours)
+    x, t, text, kwargs = _inputs(flash, "sd1")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        assert torch.equal(ours(x, t, text).sample, flash(x, t, text).sample)
+    if not bf16:
+        out_flash, grads_flash = _step(flash, (x, t, text, kwargs))
+        out_ours, grads_ours = _step(ours, (x, t, text, kwargs))
+        assert torch.equal(out_ours, out_flash)
+        assert all(torch.equal(a, b) for a, b in zip(grads_ours, grads_flash))
