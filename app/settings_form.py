@@ -17,16 +17,17 @@ from trainer.config import CHOICES, PRESETS_DIR, ConfigError, TrainConfig, build
 @dataclass(frozen=True)
 class Setting:
     key: str  # "section.field" in TrainConfig
-    make: Callable[[], gr.components.Component]
+    make: Callable[[Any], gr.components.Component]  # the widget, showing the given value
     advanced: bool = False
 
 
 def _num(label: str, info: str = "", integer: bool = True, minimum: float | None = 0):
-    return lambda: gr.Number(label=label, info=info or None, precision=0 if integer else None, minimum=minimum)
+    return lambda value: gr.Number(value, label=label, info=info or None, precision=0 if integer else None,
+                                   minimum=minimum)
 
 
 def _choice(key: str, label: str):
-    return lambda: gr.Dropdown(list(CHOICES[key]), label=label)
+    return lambda value: gr.Dropdown(list(CHOICES[key]), value=value, label=label)
 
 
 SETTINGS = [
@@ -38,7 +39,7 @@ SETTINGS = [
     Setting("optimizer.unet_lr", _num("UNet learning rate", "0 = the learning rate", integer=False)),
     Setting("optimizer.text_encoder_lr", _num("Text encoder learning rate", "0 = the learning rate", integer=False)),
     Setting("data.resolution", _num("Resolution", "pixels; a multiple of 64", minimum=64)),
-    Setting("network.train_text_encoder", lambda: gr.Checkbox(label="Train the text encoder")),
+    Setting("network.train_text_encoder", lambda value: gr.Checkbox(value, label="Train the text encoder")),
     Setting("training.seed", _num("Seed", minimum=None)),
     # ---- Advanced --------------------------------------------------------------------------------------
     Setting("optimizer.optimizer", _choice("optimizer.optimizer", "Optimizer"), True),
@@ -47,17 +48,17 @@ SETTINGS = [
     Setting("training.batch_size", _num("Batch size", minimum=1), True),
     Setting("training.grad_accum", _num("Gradient accumulation", minimum=1), True),
     Setting("training.mixed_precision", _choice("training.mixed_precision", "Mixed precision"), True),
-    Setting("training.gradient_checkpointing", lambda: gr.Checkbox(label="Gradient checkpointing (less memory)"), True),
+    Setting("training.gradient_checkpointing", lambda value: gr.Checkbox(value, label="Gradient checkpointing (less memory)"), True),
     Setting("data.repeats", _num("Repeats per epoch", minimum=1), True),
-    Setting("data.flip", lambda: gr.Checkbox(label="Random horizontal flip"), True),
-    Setting("data.shuffle_tags", lambda: gr.Checkbox(label="Shuffle comma-separated tags"), True),
+    Setting("data.flip", lambda value: gr.Checkbox(value, label="Random horizontal flip"), True),
+    Setting("data.shuffle_tags", lambda value: gr.Checkbox(value, label="Shuffle comma-separated tags"), True),
     Setting("data.keep_tokens", _num("Keep first N tags in place"), True),
     Setting("data.caption_dropout", _num("Caption dropout", "probability, 0–1", integer=False), True),
     Setting("training.noise_offset", _num("Noise offset", "0.05–0.1 for very dark/bright images", integer=False), True),
     Setting("training.min_snr_gamma", _num("Min-SNR gamma", "5 is the paper's value; 0 = off", integer=False), True),
     Setting("model.clip_skip", _num("CLIP skip", "2 for anime SD 1.x models", minimum=1), True),
     Setting("sample.every_n_steps", _num("Sample images every N steps", "0 = only at the end"), True),
-    Setting("sample.prompts", lambda: gr.Textbox(label="Sample prompts", info="one per line", lines=3), True),
+    Setting("sample.prompts", lambda value: gr.Textbox(value, label="Sample prompts", info="one per line", lines=3), True),
     Setting("output.save_every_n_steps", _num("Save a checkpoint every N steps", "0 = only at the end"), True),
 ]
 

@@ -229,16 +229,19 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
                                      info="the demo model, or a checkpoint in the models folder")
             preset = gr.Dropdown(form.preset_names(), value=form.default_preset(), label="Preset", elem_id="preset")
             name = gr.Textbox("my-lora", label="LoRA name", info="the file name in the LoRA folder", elem_id="lora-name")
+            # The widgets are built showing the default preset, not filled in by a page-load event: such an event
+            # overwrote whatever the user had typed before it arrived.
+            initial = dict(zip((s.key for s in form.SETTINGS), form.preset_values(form.default_preset())))
             made: dict[str, gr.components.Component] = {}
             key_settings = [s for s in form.SETTINGS if not s.advanced]
             for pair in range(0, len(key_settings), 2):
                 with gr.Row():
                     for setting in key_settings[pair:pair + 2]:
-                        made[setting.key] = setting.make()
+                        made[setting.key] = setting.make(initial[setting.key])
             with gr.Accordion("Advanced", open=False):
                 for setting in form.SETTINGS:
                     if setting.advanced:
-                        made[setting.key] = setting.make()
+                        made[setting.key] = setting.make(initial[setting.key])
                 extra = gr.Code("", language=None, label="Extra settings (TOML, any key of the run config)", lines=3)
             widgets = [made[s.key] for s in form.SETTINGS]
 
@@ -264,7 +267,6 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
     replace_btn.click(shown_as_gr_error(functools.partial(bulk_replace, folders)),
                       [dataset, find, replace_with, version], [bulk_msg, version])
     preset.change(shown_as_gr_error(form.preset_values), preset, widgets)
-    demo.load(shown_as_gr_error(form.preset_values), preset, widgets)
 
     @shown_as_gr_error
     def folders_now():  # a reloaded page sees datasets and checkpoints added since the app started

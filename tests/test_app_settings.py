@@ -69,3 +69,19 @@ def test_listen_requires_auth_and_says_how(capsys):
     assert "--auth must be USER:PASSWORD" in capsys.readouterr().err
     args = parse_args(["--listen", "--auth", "alice:pa:ss", "--port", "9000", "--models-dir", "/m"])
     assert args.auth == ("alice", "pa:ss") and args.port == 9000 and args.models_dir == "/m"
+
+
+def test_the_built_form_shows_the_default_preset_without_a_page_load_event(tmp_path):
+    """The widgets carry the default preset's values from the start; a page-load event filling them in used to
+    overwrite what a user had typed before it arrived."""
+    from app.main import build_app
+
+    demo = build_app(Folders.create(tmp_path / "models", tmp_path / "out"))
+    by_label = {}
+    for block in demo.blocks.values():  # the Train tab is built first: its "Steps" comes before the gallery's
+        by_label.setdefault(getattr(block, "label", None), block)
+    expected = form.preset_values(form.default_preset())
+    for setting, value in zip(form.SETTINGS, expected):
+        label = setting.make(None).label
+        assert label in by_label, f"no widget labelled {label!r}"
+        assert by_label[label].value == value, (setting.key, by_label[label].value, value)

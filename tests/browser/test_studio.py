@@ -129,8 +129,9 @@ def test_train_then_stack_and_generate(studio, browser, shots, second_lora, tmp_
     field(page, "lora-name").fill("browser-style")
     page.get_by_text("Advanced").click()
     every = page.get_by_label("Sample images every N steps")
-    # Typed the instant the accordion opens, a value was once lost to its late render (the run sampled only at
-    # the end): type it once the field has settled, leave it (Tab commits it), and check it stuck.
+    # A value typed here was once lost (the run sampled only at the end): a page-load event refilled the form from
+    # the preset, overwriting what had been typed before it arrived. The form is now built with the preset's
+    # values (test_app_settings); still, type once the field has settled, leave it (Tab commits), check it stuck.
     every.wait_for(state="visible")
     for _ in range(3):
         every.fill("100")
