@@ -28,6 +28,7 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
   fwdbwd-fp32   the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
   fwdbwd-bf16   the same with bf16 weights under bf16 autocast
   (fwd and fwdbwd use the trainer's allocator setting, trainer/memory.py; the reference keeps glibc's defaults)
+  fwd-fp32-glibc, fwdbwd-fp32-glibc  fwd-fp32 and fwdbwd-fp32 with glibc's defaults: what the setting gains
 Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds.
 On a machine shared with other busy programs use --threads 1: torch's threads then wait for each other at every
 op (a rank-8 matmul took 15-25 ms with 2 threads against 0.1-0.3 ms with 1 on a loaded 2-core box), which
@@ -70,6 +71,8 @@ VARIANTS = {  # name: (kind, precision, train_text_encoder)
     "fwd-bf16": ("forward", "bf16", False),
     "fwdbwd-fp32": ("bare", "no", False),
     "fwdbwd-bf16": ("bare", "bf16", False),
+    "fwd-fp32-glibc": ("forward", "no", False),
+    "fwdbwd-fp32-glibc": ("bare", "no", False),
 }
 # (label, numerator, denominator, limit, bf16 CPUs only): the issue's targets; None = shown for scale only.
 TARGETS = [
@@ -85,6 +88,8 @@ TARGETS = [
     ("ours fp32 with training.return_freed_memory / without (its cost)", "ours-fp32-freed", "ours-fp32", None, False),
     ("bare fp32 forward+backward / fp32 forward pass (the kernels' floor)", "fwdbwd-fp32", "fwd-fp32", None, False),
     ("bare bf16 forward+backward / bf16 forward pass (the kernels' floor)", "fwdbwd-bf16", "fwd-bf16", None, True),
+    ("fp32 forward pass, trainer's allocator setting / glibc's defaults", "fwd-fp32", "fwd-fp32-glibc", None, False),
+    ("bare fp32 forward+backward, trainer's allocator setting / glibc's", "fwdbwd-fp32", "fwdbwd-fp32-glibc", None, False),
 ]
 MEMORY_TARGETS = [("ours-fp32", "ref-fp32"), ("ours-fp32-freed", "ref-fp32"), ("ours-fp32-te", "ref-fp32-te"),
                   ("ours-auto", "ref-bf16"), ("ours-auto-te", "ref-bf16"), ("ours-auto", "ref-fp32"), ("ours-auto-te", "ref-fp32")]
@@ -202,7 +207,8 @@ def run_forward(spec: dict, monitor: Monitor) -> dict:
 
     from trainer.memory import keep_freed_memory
 
-    keep_freed_memory()  # our process's allocator setting, as the trainer's and the bare variant's
+    if not spec["glibc"]:
+        keep_freed_memory()  # our process's allocator setting, as the trainer's and the bare variant's
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(spec["model"], subfolder="unet", torch_dtype=dtype,
                                                 local_files_only=True).eval()
@@ -235,7 +241,8 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
     from trainer.memory import keep_freed_memory
     from trainer.network import add_lora
 
-    keep_freed_memory()  # as the trainer does on the CPU
+    if not spec["glibc"]:
+        keep_freed_memory()  # as the trainer does on the CPU
     bf16 = spec["precision"] == "bf16"
     unet = UNet2DConditionModel.from_pretrained(spec["model"], subfolder="unet",
                                                 torch_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -437,7 +444,7 @@ def main(argv=None) -> int:
                 kind, precision, te = VARIANTS[name]
                 log(f"{res} px: {name} …")
                 spec = {**common, "kind": kind, "precision": precision, "te": te, "resolution": res, "data": str(data),
-                        "freed": name.endswith("-freed")}
+                        "freed": name.endswith("-freed"), "glibc": name.endswith("-glibc")}
                 rows[name] = {"precision": {"no": "fp32"}.get(precision, precision),
                               **summarise(spawn(spec, work / f"{res}-{name}", args.threads), args.warmup)}
                 r = rows[name]

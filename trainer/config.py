@@ -85,8 +85,8 @@ class TrainingConfig:
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16: auto = bf16 where the hardware has it, else fp16 on CUDA, else no
     gradient_checkpointing: bool = False  # trades ~30% speed for much less activation memory
-    # Linux/glibc: freed blocks of 4 MB and more go back to the OS at once instead of fragmenting the heap. SD 1.5
-    # on a CPU at 512 px: peak RAM 7.0 -> 6.1 GB, steps 4-12% slower (page faults); see trainer/loop.py.
+    # Linux/glibc: freed blocks of 4 MB and more go back to the OS at once instead of being kept for the next step.
+    # SD 1.5 on a CPU at 512 px: lower peak RAM, slower steps (page faults); see trainer/memory.py.
     return_freed_memory: bool = False
     seed: int = 42
     min_snr_gamma: float = 0.0  # 5.0 is the paper's value; 0 disables

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from .conditioning import encode_text
 from .lora_file import LoraFileError, detect_family, read_lora
+from .memory import keep_freed_memory
 
 SAMPLERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -132,6 +133,8 @@ class Generator:
             return
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if device == "cuda" else torch.float32
+        if device == "cpu":
+            keep_freed_memory()  # every denoising step reuses the last one's blocks instead of faulting in new ones
         base = load_base_model(path, dtype=dtype)
         self.pipe = make_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
         self.pipe.to(device)

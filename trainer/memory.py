@@ -5,10 +5,13 @@ allocator does with them decides both the speed and the resident size:
 
 - By default glibc serves big blocks from their own memory maps and, as big blocks are freed, raises the size
   it maps and trims the top of its heap. Either way much of a step's memory is given back to the OS and faulted
-  in (zeroed page by page) again by the next step: 170 000 page faults and 0.25-0.76 s of system time per step
-  for SD 1.5 at 256 px (`scripts/benchmark.py`, ours vs the bare variants).
-- `keep_freed_memory` (the default when training on the CPU) keeps freed blocks on the heap for the next step:
-  no page faults once the first step has run.
+  in (zeroed page by page) again by the next step: 170 000 page faults, 0.25-0.76 s of system time per SD 1.5
+  step at 256 px.
+- `keep_freed_memory` (the default when training or generating on the CPU) keeps freed blocks on the heap for
+  the next step. `scripts/benchmark.py`, side by side with glibc's defaults (fwd-fp32 / fwd-fp32-glibc,
+  fwdbwd-fp32 / fwdbwd-fp32-glibc), SD 1.5 fp32: a forward pass 0.83× the time at 256 px and 0.91× at 512 px,
+  a forward + backward with our LoRA 0.91× and 0.98×; its cost is the heap's fragmentation: the same peak RSS at
+  256 px, +0.44 GB (6.62 -> 7.06 GB) for the forward + backward at 512 px.
 - `return_big_blocks_to_the_os` (training.return_freed_memory, the low-memory preset) maps every block of 4 MB
   and more on its own, so it is unmapped when freed: the lowest peak, the slowest steps.
 
@@ -47,12 +50,7 @@ def _libc():
 
 
 def keep_freed_memory() -> None:
-    """Freed blocks stay on the heap and serve the next step instead of being faulted in again.
-
-    Measured on SD 1.5 with our LoRA, one forward and backward (2 CPU threads' machine, torch 2.13): 256 px bf16
-    3.14 -> 2.90 s, fp32 5.63 -> 4.95 s; 512 px bf16 14.2 -> 13.4 s. Peak RSS moves by the heap's fragmentation:
-    -0.03 GB at 256 px, +0.08 GB (bf16) and +0.24 GB (fp32) at 512 px.
-    """
+    """Freed blocks stay on the heap and serve the next step instead of being faulted in again."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)
@@ -63,9 +61,9 @@ def return_big_blocks_to_the_os() -> None:
     """training.return_freed_memory: every block of 4 MB or more gets its own map, unmapped when freed.
 
     The heap then cannot fragment between the set-up (VAE encoding at full resolution) and the steps, or between
-    forward and backward. SD 1.5 at 512 px, fp32: peak RSS 7.0 -> 6.1 GB, but 4-12% slower steps than glibc's
-    defaults over several benchmark runs, since every big block is a fresh, zeroed map. Off by default, on in the
-    low-memory preset.
+    forward and backward. `scripts/benchmark.py` (ours-fp32-freed / ours-fp32), SD 1.5 fp32: peak RSS 4.57 vs
+    4.65 GB at 256 px and 5.97 vs 7.08 GB at 512 px, for steps 1.27× and 1.16× as long, since every big block is
+    a fresh, zeroed map. Off by default, on in the low-memory preset.
     """
     libc = _libc()
     if libc is not None:
