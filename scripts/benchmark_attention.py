@@ -1,0 +1,91 @@
+"""Attention forward + backward at SD 1.5's shapes: torch's flash attention against trainer/cpu_attention.py.
+
+    .venv/bin/python scripts/benchmark_attention.py            # bf16 and fp32, one thread
+    .venv/bin/python scripts/benchmark_attention.py --repeats 9
+
+Each shape is (query tokens, key tokens, head dim) with 8 heads and batch 1, laid out as diffusers' attention
+processor passes them (a transposed view of the projections). Times are the best of --repeats process-CPU
+measurements of one forward and backward, the two implementations alternating, so that both see the same machine.
+The "ours" column is what the trainer runs: SavedProbabilities where `keeps_probabilities` says so, flash otherwise
+(so it equals flash where the rule declines); --force times SavedProbabilities everywhere, which is why the rule
+declines where it does. Prints a table and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from trainer.cpu_attention import SavedProbabilities, keeps_probabilities  # noqa: E402
+
+SHAPES = [  # SD 1.5: level 0 (320 wide, 40 per head), level 1 (640, 80), level 2 (1280, 160)
+    ("256 px level 0 self", 1024, 1024, 40), ("256 px level 0 cross", 1024, 77, 40),
+    ("256 px level 1 self", 256, 256, 80), ("256 px level 1 cross", 256, 77, 80),
+    ("256 px level 2 self", 64, 64, 160), ("256 px level 2 cross", 64, 77, 160),
+    ("512 px level 0 self", 4096, 4096, 40), ("512 px level 0 cross", 4096, 77, 40),
+    ("512 px level 1 self", 1024, 1024, 80), ("512 px level 1 cross", 1024, 77, 80),
+]
+HEADS = 8
+
+
+def _inputs(lq: int, lk: int, dim: int, dtype: torch.dtype):
+    def one(n):
+        return torch.randn(1, n, HEADS * dim).to(dtype).view(1, n, HEADS, dim).transpose(1, 2).requires_grad_()
+    return one(lq), one(lk), one(lk)
+
+
+def _flash(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+FORCE = False
+
+
+def _ours(q, k, v):
+    if FORCE or keeps_probabilities(q, k):
+        return SavedProbabilities.apply(q, k, v, q.shape[-1] ** -0.5)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _time(fn, q, k, v) -> float:
+    for t in (q, k, v):
+        t.grad = None
+    start = time.process_time()
+    out = fn(q, k, v)
+    out.backward(torch.ones_like(out))
+    return time.process_time() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--force", action="store_true", help="SavedProbabilities for every shape and dtype")
+    args = p.parse_args()
+    global FORCE
+    FORCE = args.force
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print(f"{'shape':24s} {'dtype':5s} {'flash ms':>9s} {'ours ms':>9s} {'ours/flash':>11s}  path")
+    for name in args.dtypes.split(","):
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        for label, lq, lk, dim in SHAPES:
+            q, k, v = _inputs(lq, lk, dim, dtype)
+            _time(_flash, q, k, v), _time(_ours, q, k, v)  # warm-up
+            flash, ours = [], []
+            for _ in range(args.repeats):
+                flash.append(_time(_flash, q, k, v))
+                ours.append(_time(_ours, q, k, v))
+            path = "saved probabilities" if FORCE or keeps_probabilities(q, k) else "flash (rule declines)"
+            print(f"{label:24s} {name:5s} {min(flash) * 1e3:9.1f} {min(ours) * 1e3:9.1f} "
+                  f"{min(ours) / min(flash):11.2f}  {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
