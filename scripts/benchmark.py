@@ -1,43 +1,32 @@
 """Training speed and memory on the full-size SD 1.5 topology: our trainer against a plain diffusers + PEFT loop.
 
-    .venv/bin/python scripts/benchmark.py                          # 256 and 512 px (≈20-40 min on 2 cores)
-    .venv/bin/python scripts/benchmark.py --threads 1              # the same on a busy shared machine
-    .venv/bin/python scripts/benchmark.py --resolutions 256        # 256 px only
-    .venv/bin/python scripts/benchmark.py --steps 2 --variants ref-fp32,ours-fp32,fwd-fp32
-    .venv/bin/python scripts/benchmark.py --model-dir /tmp/sd15-random   # build once, keep, reuse next time
+    .venv/bin/python scripts/benchmark.py --threads 1 --model-dir /tmp/sd15   # 256 and 512 px, ≈30 min on 2 cores
+    .venv/bin/python scripts/benchmark.py --resolutions 256 --steps 2 --variants ref-fp32,ours-fp32,fwd-fp32
 
-The base model is SD 1.5's exact topology (trainer/model_configs/sd1: 860M UNet parameters, the VAE, CLIP-L) with
-seeded random weights, saved as a diffusers folder (≈4 GB, fp32) in a temporary folder deleted at the end. Random
-weights cost the same FLOPs as trained ones; only the loss values are meaningless. The data is 4 synthetic
-pictures at the benchmark resolution with captions. Every run is batch 1, LoRA rank 8, AdamW.
+The base model is SD 1.5's exact topology (860M UNet parameters, the VAE, CLIP-L) with seeded random weights, a
+diffusers folder (≈4 GB; --model-dir keeps it for the next run, else a temporary folder). Random weights cost the
+same FLOPs as trained ones. Data: 4 synthetic captioned pictures. Every run is batch 1, LoRA rank 8, AdamW.
 
 Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's ru_maxrss):
   ref-fp32      scripts/benchmark_reference.py, fp32: diffusers' train_text_to_image_lora.py loop, VAE encoder and
                 text encoder run every step, LoRA on to_q/k/v/out of the UNet
   ref-bf16      the same with --mixed_precision bf16: bf16 frozen weights, the UNet under bf16 autocast
   ref-fp32-te   ref-fp32 also training a text-encoder LoRA like train_dreambooth_lora.py --train_text_encoder
-  ours-fp32     trainer.loop.train, mixed_precision "no", train_text_encoder false: the same training as the
-                reference (a UNet-only LoRA; ours also targets proj_in/out and the feed-forward, 192 modules), with
-                VAE latents and text-encoder outputs cached instead of recomputed
+  ours-fp32     trainer.loop.train, fp32, UNet-only LoRA as the reference (ours also targets proj_in/out and the
+                feed-forward, 192 modules), VAE latents and text-encoder outputs cached instead of recomputed
   ours-fp32-te  the same with train_text_encoder true: the text encoder runs forward and backward every step
   ours-fp32-freed  ours-fp32 with training.return_freed_memory (the low-memory preset's allocator setting)
-  ours-auto     mixed_precision "auto" (bf16 where the CPU has avx512_bf16 / AMX), train_text_encoder false
-  ours-auto-te  mixed_precision "auto", train_text_encoder true: the trainer's own defaults
-  fwd-fp32      one forward pass of the bare UNet under no_grad, fp32: the compute floor of a step is about two
-  fwd-bf16      the same with bf16 weights and inputs
-  fwdbwd-fp32   the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
-  fwdbwd-bf16   the same with bf16 weights under bf16 autocast
-  (fwd and fwdbwd use the trainer's allocator setting, trainer/memory.py; the reference keeps glibc's defaults)
-  fwd-fp32-glibc, fwdbwd-fp32-glibc  fwd-fp32 and fwdbwd-fp32 with glibc's defaults: what the setting gains
-Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds.
-On a machine shared with other busy programs use --threads 1: torch's threads then wait for each other at every
-op (a rank-8 matmul took 15-25 ms with 2 threads against 0.1-0.3 ms with 1 on a loaded 2-core box), which
-measures the neighbours, not the code. With one thread, CPU seconds are the work itself (equal to wall time on an
-idle core), so the verdicts use them; otherwise they use wall time. Ratios within one run are what counts.
-Our trainer's step boundaries are the "start" and "step" events of its events.jsonl, as the UI reads them.
-Memory: RSS as the kernel counts it, so the touched pages of memory-mapped weight files count too (an fp32 load
-maps the .safetensors and costs nothing until a weight is used; casting at load touches every page). "peak RSS"
-is the whole process (loading included), "RSS in steps" the peak between the first and the last step.
+  ours-auto(-te) mixed_precision "auto" (bf16 where the CPU has avx512_bf16 / AMX); -te: the trainer's defaults
+  fwd-fp32/-bf16  one forward pass of the bare UNet under no_grad: the compute floor of a step is about two
+  fwdbwd-fp32/-bf16  the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
+  fwd(bwd)-fp32-glibc  with glibc's defaults; the others use the trainer's allocator setting (trainer/memory.py)
+Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds (our
+trainer's step boundaries: the "start" and "step" events of its events.jsonl, as the UI reads them).
+On a shared machine use --threads 1 (with 2 threads a rank-8 matmul took 15-25 ms against 0.1-0.3 ms on a loaded
+2-core box: the neighbours were measured); CPU seconds are then the work itself and the verdicts use them, else
+wall time. Ratios within one run are what counts.
+Memory: RSS as the kernel counts it, touched pages of memory-mapped weight files included; "peak RSS" is the
+whole process (loading included), "RSS in steps" the peak between the first and the last step.
 Results: a table, the ratios against the targets, and a JSON file (--json; default runs/benchmark/<time>.json).
 """
 from __future__ import annotations
@@ -59,20 +48,13 @@ SD1_CONFIGS = ROOT / "trainer" / "model_configs" / "sd1"
 TOKENIZER_DIR = ROOT / "trainer" / "tokenizer"
 
 VARIANTS = {  # name: (kind, precision, train_text_encoder)
-    "ref-fp32": ("reference", "no", False),
-    "ref-bf16": ("reference", "bf16", False),
-    "ref-fp32-te": ("reference", "no", True),
-    "ours-fp32": ("ours", "no", False),
-    "ours-fp32-te": ("ours", "no", True),
-    "ours-fp32-freed": ("ours", "no", False),
-    "ours-auto": ("ours", "auto", False),
-    "ours-auto-te": ("ours", "auto", True),
-    "fwd-fp32": ("forward", "no", False),
-    "fwd-bf16": ("forward", "bf16", False),
-    "fwdbwd-fp32": ("bare", "no", False),
-    "fwdbwd-bf16": ("bare", "bf16", False),
-    "fwd-fp32-glibc": ("forward", "no", False),
-    "fwdbwd-fp32-glibc": ("bare", "no", False),
+    "ref-fp32": ("reference", "no", False), "ref-bf16": ("reference", "bf16", False),
+    "ref-fp32-te": ("reference", "no", True), "ours-fp32": ("ours", "no", False),
+    "ours-fp32-te": ("ours", "no", True), "ours-fp32-freed": ("ours", "no", False),
+    "ours-auto": ("ours", "auto", False), "ours-auto-te": ("ours", "auto", True),
+    "fwd-fp32": ("forward", "no", False), "fwd-bf16": ("forward", "bf16", False),
+    "fwdbwd-fp32": ("bare", "no", False), "fwdbwd-bf16": ("bare", "bf16", False),
+    "fwd-fp32-glibc": ("forward", "no", False), "fwdbwd-fp32-glibc": ("bare", "no", False),
 }
 # (label, numerator, denominator, limit, bf16 CPUs only): the issue's targets; None = shown for scale only.
 TARGETS = [
@@ -358,10 +340,10 @@ def summarise(result: dict, warmup: int) -> dict:
 def report(resolution: int, rows: dict[str, dict], bf16_cpu: bool, basis: str) -> dict:
     """Print the table and the ratios; verdicts compare `basis` ("wall" or "cpu") seconds against the targets."""
     print(f"\n=== {resolution} px, batch 1, rank 8: median of the timed steps; verdicts on {basis} time ===")
-    print(f"{'variant':<14}{'precision':>10}{'s/step':>9}{'CPU s/step':>12}{'peak RSS GB':>13}{'RSS in steps':>14}"
+    print(f"{'variant':<18}{'precision':>10}{'s/step':>9}{'CPU s/step':>12}{'peak RSS GB':>13}{'RSS in steps':>14}"
           f"   all steps (wall s)")
     for name, r in rows.items():
-        print(f"{name:<14}{r['precision']:>10}{r['wall_s']:>9.2f}{r['cpu_s']:>12.2f}{r['rss_peak_gb']:>13.2f}"
+        print(f"{name:<18}{r['precision']:>10}{r['wall_s']:>9.2f}{r['cpu_s']:>12.2f}{r['rss_peak_gb']:>13.2f}"
               f"{r['rss_steps_gb']:>14.2f}   {r['wall_all']}")
     ratios = []
     print(f"\n{'ratio':<72}{'wall':>7}{'CPU':>7}  target")
