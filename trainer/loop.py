@@ -66,6 +66,10 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
+def _parameters(*modules) -> list[torch.Tensor]:
+    return [p for m in modules if m is not None for p in m.parameters()]
+
+
 def part_names(n_encoders: int) -> list[str]:
     return ["text_encoder", "text_encoder_2"][:n_encoders]
 
@@ -152,8 +156,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         # 0.14 GB for SD's in fp32) is dropped, not moved to "meta": the pipelines ask the VAE for its device,
         # which is its first parameter's, and that would then be the encoder's "meta". An encoder read from a
         # memory-mapped file keeps its pages resident while the decoder maps the same file: drop them too.
-        release_file_pages([p for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None
-                            for p in m.parameters()])
+        release_file_pages(_parameters(vae.encoder, getattr(vae, "quant_conv", None)))
         vae.encoder = None
         if getattr(vae, "quant_conv", None) is not None:
             vae.quant_conv = None
@@ -253,8 +256,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         for m in trained:
             m.train()
         # A memory-mapped decoder's pages would stay resident through the steps; the next sample re-reads them.
-        release_file_pages([p for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None
-                            for p in m.parameters()])
+        release_file_pages(_parameters(vae.decoder, getattr(vae, "post_quant_conv", None)))
         events.emit("sample", step=step, paths=paths, prompts=sample_prompts)
         return paths
 
