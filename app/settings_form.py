@@ -26,6 +26,10 @@ def _num(label: str, info: str = "", integer: bool = True, minimum: float | None
                                    minimum=minimum)
 
 
+def _check(label: str):
+    return lambda value: gr.Checkbox(value, label=label)
+
+
 def _choice(key: str, label: str):
     return lambda value: gr.Dropdown(list(CHOICES[key]), value=value, label=label)
 
@@ -39,7 +43,7 @@ SETTINGS = [
     Setting("optimizer.unet_lr", _num("UNet learning rate", "0 = the learning rate", integer=False)),
     Setting("optimizer.text_encoder_lr", _num("Text encoder learning rate", "0 = the learning rate", integer=False)),
     Setting("data.resolution", _num("Resolution", "pixels; a multiple of 64", minimum=64)),
-    Setting("network.train_text_encoder", lambda value: gr.Checkbox(value, label="Train the text encoder")),
+    Setting("network.train_text_encoder", _check("Train the text encoder")),
     Setting("training.seed", _num("Seed", minimum=None)),
     # ---- Advanced --------------------------------------------------------------------------------------
     Setting("optimizer.optimizer", _choice("optimizer.optimizer", "Optimizer"), True),
@@ -48,17 +52,18 @@ SETTINGS = [
     Setting("training.batch_size", _num("Batch size", minimum=1), True),
     Setting("training.grad_accum", _num("Gradient accumulation", minimum=1), True),
     Setting("training.mixed_precision", _choice("training.mixed_precision", "Mixed precision"), True),
-    Setting("training.gradient_checkpointing", lambda value: gr.Checkbox(value, label="Gradient checkpointing (less memory)"), True),
+    Setting("training.gradient_checkpointing", _check("Gradient checkpointing (less memory)"), True),
     Setting("data.repeats", _num("Repeats per epoch", minimum=1), True),
-    Setting("data.flip", lambda value: gr.Checkbox(value, label="Random horizontal flip"), True),
-    Setting("data.shuffle_tags", lambda value: gr.Checkbox(value, label="Shuffle comma-separated tags"), True),
+    Setting("data.flip", _check("Random horizontal flip"), True),
+    Setting("data.shuffle_tags", _check("Shuffle comma-separated tags"), True),
     Setting("data.keep_tokens", _num("Keep first N tags in place"), True),
     Setting("data.caption_dropout", _num("Caption dropout", "probability, 0–1", integer=False), True),
     Setting("training.noise_offset", _num("Noise offset", "0.05–0.1 for very dark/bright images", integer=False), True),
     Setting("training.min_snr_gamma", _num("Min-SNR gamma", "5 is the paper's value; 0 = off", integer=False), True),
     Setting("model.clip_skip", _num("CLIP skip", "2 for anime SD 1.x models", minimum=1), True),
     Setting("sample.every_n_steps", _num("Sample images every N steps", "0 = only at the end"), True),
-    Setting("sample.prompts", lambda value: gr.Textbox(value, label="Sample prompts", info="one per line", lines=3), True),
+    Setting("sample.prompts", lambda value: gr.Textbox(value, label="Sample prompts", info="one per line", lines=3),
+            True),
     Setting("output.save_every_n_steps", _num("Save a checkpoint every N steps", "0 = only at the end"), True),
 ]
 
