@@ -3,7 +3,8 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import Conv2d as LoraConv2d
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 import tiny_models
@@ -51,9 +52,9 @@ def test_same_output_and_gradients_as_diffusers_forward(family):
     lean = copy.deepcopy(plain)
     n_ff = sum(1 for n, _ in lean.named_modules() if n.endswith(".ff"))
     n_conv = sum(1 for m in lean.modules() if type(m) is torch.nn.Conv2d)
-    n_lora_linear = sum(1 for m in lean.modules() if type(m) is LoraLinear)
-    assert n_lora_linear > 2 * n_ff
-    assert lean_forwards(lean) == n_ff + n_conv + n_lora_linear
+    n_lora = sum(1 for m in lean.modules() if type(m) in (LoraLinear, LoraConv2d))
+    assert n_lora > 2 * n_ff
+    assert lean_forwards(lean) == n_ff + n_conv + n_lora
     x, t, text, kwargs = _inputs(plain, family)
     if kwargs:
         kwargs = {"added_cond_kwargs": {k: v.double() for k, v in kwargs["added_cond_kwargs"].items()}}
@@ -90,37 +91,41 @@ def test_under_bf16_autocast_as_accurate_as_diffusers_forward():
         assert error < 1.2 * reference_error
 
 
-@pytest.mark.parametrize("tokens, width, out", [(1024, 320, 320), (256, 320, 2560)])
-def test_lora_linear_at_sd_width_as_accurate_in_bf16(tokens, width, out):
-    """One LoRA Linear at SD 1.5's widths under bf16 autocast: output and every gradient as close to float64 as
-    PEFT's own forward gets."""
+@pytest.mark.parametrize("kind, shape, out", [("linear", (2, 1024, 320), 320), ("linear", (2, 256, 320), 2560),
+                                              ("conv", (2, 320, 32, 32), 320)])
+def test_lora_layer_at_sd_width_as_accurate_in_bf16(kind, shape, out):
+    """One LoRA Linear / 1x1 Conv2d at SD 1.5's widths as the trainer runs it in bf16 (frozen base in bf16, LoRA
+    in fp32, autocast): output and every gradient as close to float64 as PEFT's own forward gets."""
     torch.manual_seed(0)
-    layer = torch.nn.Sequential(torch.nn.Linear(width, out))
-    config = LoraConfig(r=8, lora_alpha=4, target_modules=["0"])
-    from peft import inject_adapter_in_model
-    inject_adapter_in_model(config, layer)
-    lora = layer[0]
-    lora.requires_grad_(False)
-    for p in (lora.lora_A["default"].weight, lora.lora_B["default"].weight):
+    width = shape[1] if kind == "conv" else shape[-1]
+    base = torch.nn.Conv2d(width, out, 1) if kind == "conv" else torch.nn.Linear(width, out)
+    layer = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=4, target_modules=["0"]), torch.nn.Sequential(base))
+    layer.requires_grad_(False)
+    lora = [layer[0].lora_A["default"].weight, layer[0].lora_B["default"].weight]
+    for p in lora:
         p.data = torch.randn(p.shape) * 0.1
-        p.requires_grad_(True)
-    x = torch.randn(2, tokens, width)
-    grad = torch.randn(2, tokens, out)
+    x = torch.randn(shape)
+    grad = torch.randn(layer(x).shape)
 
-    def run(model, dtype, bf16):
+    def run(model, dtype, bf16, lean=False):
         model = copy.deepcopy(model).to(dtype)
-        inp = x.to(dtype).requires_grad_()
+        params = [model[0].lora_A["default"].weight, model[0].lora_B["default"].weight]
+        for p in params:
+            p.data = p.data.to(torch.float64 if dtype == torch.float64 else torch.float32)
+            p.requires_grad_(True)
+        if lean:
+            # The LoRA layer; for a conv also the three plain Conv2d inside it (base, down, up).
+            assert lean_forwards(model) == (4 if kind == "conv" else 1)
+        inp = x.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = model(inp)
+        assert ("_Lora" in type(y.grad_fn).__name__) == lean  # the fused function ran (or PEFT's path did)
         y.backward(grad.to(y.dtype))
-        params = [model[0].lora_A["default"].weight, model[0].lora_B["default"].weight]
         return [y.detach(), inp.grad] + [p.grad for p in params]
 
     exact = run(layer, torch.float64, False)
-    theirs = run(layer, torch.float32, True)
-    lean = copy.deepcopy(layer)
-    assert lean_forwards(lean) == 1
-    ours = run(lean, torch.float32, True)
+    theirs = run(layer, torch.bfloat16, True)
+    ours = run(layer, torch.bfloat16, True, lean=True)
     for mine, peft_value, exact_value in zip(ours, theirs, exact):
         assert _relative_error([mine], [exact_value]) < 1.2 * _relative_error([peft_value], [exact_value])
 

@@ -18,11 +18,13 @@ gradient needs only the weight. In a ResNet block the inputs of conv1, conv2 and
 or interpolation outputs that nothing else keeps, so not keeping them frees them (33 of the 445 MB above).
 
 3. LoRA's thin products. A LoRA Linear adds up(down(x)) * scale, products with one side only `rank` wide. Autograd
-runs their backward in the orientation of the forward: grad(up) = gᵀ·mid, an (out × tokens)·(tokens × rank) product
-with a transposed left side, which MKL runs at a tenth of its speed on the CPU (43 ms against 5 ms for the same
+runs their backward in the orientation of the forward: grad(up) = gᵀ·mid, an (out × tokens)·(tokens × rank)
+product with a transposed left side, which MKL runs at a tenth of its speed on the CPU (43 ms against 5 ms for the same
 product computed as (midᵀ·g)ᵀ at 4096 tokens × 2560 outputs, fp32). `_LoraLinear` is the base Linear plus its LoRA
 in one autograd function that forms every thin product in its fast orientation, folds the scale into `up` and adds
 the LoRA term in place: the same values, and it keeps what PEFT's path keeps (the input and the rank-wide middle).
+`_LoraConv1x1` does the same for the 1x1 convolutions SD 1.x uses as proj_in / proj_out, whose LoRA PEFT runs as
+two convolutions (in bf16 four times slower than the products on the (channels × pixels) matrices).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention import FeedForward
+from peft.tuners.lora.layer import Conv2d as LoraConv2d
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 
@@ -47,8 +50,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _thin_grads(grad_y: torch.Tensor, x: torch.Tensor, mid_t: torch.Tensor, up_scaled: torch.Tensor,
                 need_down: bool, need_up: bool, scale: float):
-    """For y = x·downᵀ·up_scaledᵀ (2-D, mid_t = down·xᵀ): the middle's gradient (rank × tokens) and the gradients of
-    down and up, each product in the orientation the CPU's BLAS runs fast (see 3. above)."""
+    """For y = x·downᵀ·up_scaledᵀ (2-D, mid_t = down·xᵀ): the middle's gradient (rank × tokens) and the gradients
+    of down and up, each product in the orientation the CPU's BLAS runs fast (see 3. above)."""
     grad_mid_t = up_scaled.t() @ grad_y.t()
     grad_down = grad_mid_t @ x if need_down else None
     grad_up = (mid_t @ grad_y).t() * scale if need_up else None
@@ -86,6 +89,49 @@ class _LoraLinear(torch.autograd.Function):
                 grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
         return (grad_x, None, None, None if grad_down is None else grad_down.to(down.dtype),
                 None if grad_up is None else grad_up.to(up.dtype), None)
+
+
+class _LoraConv1x1(torch.autograd.Function):
+    """y = conv(x) + scale * up(down(x)) for a frozen 1x1 convolution, the LoRA on (channels × pixels) matrices."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale: float):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            y = F.conv2d(xc, weight.to(dtype), None if bias is None else bias.to(dtype))
+            n, c = x.shape[:2]
+            down2 = down.reshape(down.shape[0], c).to(dtype)
+            mid = torch.bmm(down2.expand(n, *down2.shape), xc.reshape(n, c, -1))  # (n, rank, pixels)
+            up2 = (up.reshape(up.shape[0], -1) * scale).to(dtype)
+            y.view(n, y.shape[1], -1).baddbmm_(up2.expand(n, *up2.shape), mid)
+        ctx.save_for_backward(xc, weight, down, up, mid)
+        ctx.x_dtype, ctx.dtype, ctx.scale = x.dtype, dtype, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xc, weight, down, up, mid = ctx.saved_tensors
+        dtype, scale = ctx.dtype, ctx.scale
+        need_x, need_down, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        with torch.autocast(grad_y.device.type, enabled=False):
+            n, c = xc.shape[:2]
+            gy = grad_y.to(dtype)
+            up2 = (up.reshape(up.shape[0], -1) * scale).to(dtype)
+            grads = [_thin_grads(gy[i].reshape(up2.shape[0], -1).t(), xc[i].reshape(c, -1).t(), mid[i], up2,
+                                 need_down, need_up, scale) for i in range(n)]  # per item: (pixels × channels)
+            grad_x = grad_down = grad_up = None
+            if need_down:
+                grad_down = sum(g[1] for g in grads).reshape(down.shape).to(down.dtype)
+            if need_up:
+                grad_up = sum(g[2] for g in grads).reshape(up.shape).to(up.dtype)
+            if need_x:
+                grad_x = torch.nn.grad.conv2d_input(xc.shape, weight.to(dtype), gy).contiguous()
+                down_t = down.reshape(down.shape[0], c).to(dtype).t()
+                grad_mid = torch.stack([g[0] for g in grads])
+                grad_x.view(n, c, -1).baddbmm_(down_t.expand(n, *down_t.shape), grad_mid)
+                grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, None, None, grad_down, grad_up, None
 
 
 class _GatedLoraOut(torch.autograd.Function):
@@ -157,16 +203,24 @@ def _lean_conv_forward(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return _FrozenConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _plain_adapter(layer: LoraLinear) -> str | None:
+def _is_1x1(conv: torch.nn.Module) -> bool:
+    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def _plain_adapter(layer: LoraLinear | LoraConv2d) -> str | None:
     """The one active vanilla LoRA adapter of `layer`, or None when the fused path would change the result."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
+    base = layer.get_base_layer()
     if (name not in layer.lora_A or name in getattr(layer, "lora_variant", {})
             or not isinstance(layer.lora_dropout[name], torch.nn.Identity) or layer.lora_B[name].bias is not None
-            or not isinstance(layer.get_base_layer(), torch.nn.Linear) or not _frozen(layer.get_base_layer())):
+            or not _frozen(base)):
         return None
-    return name
+    if isinstance(layer, LoraLinear):
+        return name if isinstance(base, torch.nn.Linear) else None
+    return name if _is_1x1(base) and _is_1x1(layer.lora_A[name]) else None
 
 
 def _lean_forward(self: FeedForward, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -179,28 +233,30 @@ def _lean_forward(self: FeedForward, hidden_states: torch.Tensor, *args, **kwarg
                                out.lora_B[adapter].weight, out.scaling[adapter])
 
 
-def _lean_lora_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _lean_lora_forward(self: LoraLinear | LoraConv2d, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter = _plain_adapter(self) if torch.is_grad_enabled() and not args and not kwargs else None
     base = self.get_base_layer()
     # Without autocast PEFT runs the LoRA in its weights' dtype and the base in its own: fuse only when they agree.
     same_dtype = torch.is_autocast_enabled(x.device.type) or x.dtype == base.weight.dtype == (
         None if adapter is None else self.lora_A[adapter].weight.dtype)
-    if adapter is None or not same_dtype:
+    image = x.dim() == 4 and x.is_contiguous()  # what _LoraConv1x1 takes (NCHW)
+    if adapter is None or not same_dtype or (isinstance(self, LoraConv2d) and not image):
         return type(self).forward(self, x, *args, **kwargs)
-    return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                             self.scaling[adapter])
+    fused = _LoraLinear if isinstance(self, LoraLinear) else _LoraConv1x1
+    return fused.apply(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                       self.scaling[adapter])
 
 
 def lean_forwards(model: torch.nn.Module, feedforward: bool = True, convolution: bool = True,
                   lora: bool = True) -> int:
-    """Give every GEGLU feed-forward whose output Linear carries a LoRA, every plain Conv2d and every LoRA Linear
-    the lean forward (each checks at every call that it applies: frozen base, grad enabled, one plain adapter);
+    """Give every GEGLU feed-forward whose output Linear carries a LoRA, every plain Conv2d and every LoRA Linear or
+    Conv2d the lean forward (each checks at every call that it applies: frozen base, grad enabled, one plain adapter);
     returns how many modules."""
     count = 0
     for module in model.modules():
         if "forward" in vars(module):  # already wrapped (by us, or by accelerate's hooks): leave it
             continue
-        if lora and type(module) is LoraLinear:
+        if lora and type(module) in (LoraLinear, LoraConv2d):
             module.forward = types.MethodType(_lean_lora_forward, module)
             count += 1
         elif (feedforward and isinstance(module, FeedForward) and len(module.net) == 3 and type(module.net[0]) is GEGLU
