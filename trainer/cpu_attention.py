@@ -1,12 +1,14 @@
 """Attention for training in bf16/fp16 on the CPU: keep the probabilities instead of recomputing them.
 
 torch's CPU flash attention recomputes the attention probabilities in backward (five matmuls in all), and its
-backward costs 2-3× its forward in bf16. Where the probabilities are small enough to keep, attention as three plain
-ops (Q·Kᵀ, softmax, ·V) with the probabilities saved costs four matmuls and a fused softmax backward.
-`scripts/benchmark_attention.py` (forward + backward, one thread, SD 1.5 shapes, 8 heads; ours / flash): bf16
-cross-attention 0.40-0.52×, self-attention over 64-256 tokens 0.46×, 1024 tokens 0.82-0.91×, but 4096 tokens
-1.11× (and 268 MB of probabilities per layer): excluded. In fp32 large self-attention is 1.5-1.9× slower and the
-rest gains 5-15%: flash is kept for fp32.
+backward costs 2-3× its forward in bf16. Attention as three plain ops (Q·Kᵀ, softmax, ·V) with the probabilities
+saved costs four matmuls and a fused softmax backward, and its bf16 matmuls run at the CPU's bf16 speed where flash's
+blocks do not. `scripts/benchmark_attention.py` (forward + backward, one thread, SD 1.5 shapes, 8 heads, the
+trainer's allocator setting; ours / flash): bf16 cross-attention 0.40-0.52×, self-attention over 64-1024 tokens
+0.45-0.64×, 4096 tokens (SD 1.5 at 512 px) 0.68×, of which the forward alone is 0.74× (0.24 against 0.32 s).
+The price is memory: the probabilities stay until backward, 256 MB per layer at 4096 tokens (1.25 GB for SD 1.5's
+five such layers at 512 px, batch 1; transient per block under gradient checkpointing). In fp32 large
+self-attention is 1.5-1.9× slower and the rest gains 5-15%: flash is kept for fp32.
 
 The rule, checked per call: CPU, gradients on, bf16/fp16 inputs, no mask, the probabilities at most
 `MAX_SAVED_BYTES`. Anything else takes diffusers' own AttnProcessor2_0 (flash attention). Precision: outputs and
@@ -19,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-MAX_SAVED_BYTES = 32 * 2**20  # per call: 1024² scores × 8 heads × 2 bytes is 16 MB (SD 1.5 at 256 px, level 0)
+# Per call: 4096² scores × 8 heads × 2 bytes, SD 1.5 at 512 px and batch 1. Larger calls (batch 2, 768 px, SDXL's
+# 4096-token layers with 10 heads) keep flash: their probabilities would outgrow the activations they sit beside.
+MAX_SAVED_BYTES = 256 * 2**20
 
 
 class SavedProbabilities(torch.autograd.Function):
