@@ -4,11 +4,15 @@ torch's CPU flash attention recomputes the attention probabilities in backward (
 backward costs 2-3× its forward in bf16. Attention as three plain ops (Q·Kᵀ, softmax, ·V) with the probabilities
 saved costs four matmuls and a fused softmax backward, and its bf16 matmuls run at the CPU's bf16 speed where flash's
 blocks do not. `scripts/benchmark_attention.py` (forward + backward, one thread, SD 1.5 shapes, 8 heads, the
-trainer's allocator setting; ours / flash): bf16 cross-attention 0.40-0.52×, self-attention over 64-1024 tokens
-0.45-0.64×, 4096 tokens (SD 1.5 at 512 px) 0.68×, of which the forward alone is 0.74× (0.24 against 0.32 s).
-The price is memory: the probabilities stay until backward, 256 MB per layer at 4096 tokens (1.25 GB for SD 1.5's
-five such layers at 512 px, batch 1; transient per block under gradient checkpointing). In fp32 large
-self-attention is 1.5-1.9× slower and the rest gains 5-15%: flash is kept for fp32.
+trainer's allocator setting; ours / flash): bf16 cross-attention 0.42-0.55×, self-attention over 64-1024 tokens
+0.46-0.64×, 4096 tokens (SD 1.5 at 512 px) 0.68× (its forward alone 0.70×).
+
+The 4096-token layers still take flash: their probabilities are 256 MB per layer and stay until backward. Kept (a
+256 MB limit), they brought SD 1.5's bf16 step at 512 px to 11.2 s, 2.04× the forward pass (scripts/benchmark.py;
+13.0 s and 2.41× with flash in the run before), but its peak RSS to 6.2 GB, above the plain diffusers + PEFT loop's
+5.3 GB: 2.9 GB more, of which 1.25 GB are the kept probabilities (the rest, not yet measured apart, the softmax's
+and its backward's 256 MB temporaries and the heap's fragmentation). Hence `MAX_SAVED_BYTES`.
+In fp32 self-attention over 1024-4096 tokens is 1.1-1.8× slower, the rest gains 2-17%: flash is kept for fp32.
 
 The rule, checked per call: CPU, gradients on, bf16/fp16 inputs, no mask, the probabilities at most
 `MAX_SAVED_BYTES`. Anything else takes diffusers' own AttnProcessor2_0 (flash attention). Precision: outputs and
@@ -21,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-# Per call: 4096² scores × 8 heads × 2 bytes, SD 1.5 at 512 px and batch 1. Larger calls (batch 2, 768 px, SDXL's
-# 4096-token layers with 10 heads) keep flash: their probabilities would outgrow the activations they sit beside.
-MAX_SAVED_BYTES = 256 * 2**20
+MAX_SAVED_BYTES = 32 * 2**20  # per call: 1024² scores × 8 heads × 2 bytes is 16 MB (SD 1.5 at 256 px, level 0)
 
 
 class SavedProbabilities(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Training-only forward paths that keep fewer activations for backward, with the same results.
+"""Training-only forward paths: fewer activations kept for backward, LoRA's products faster; the same results.
 
 1. The feed-forward.
 
@@ -19,12 +19,14 @@ or interpolation outputs that nothing else keeps, so not keeping them frees them
 
 3. LoRA's thin products. A LoRA Linear adds up(down(x)) * scale, products with one side only `rank` wide. Autograd
 runs their backward in the orientation of the forward: grad(up) = gᵀ·mid, an (out × tokens)·(tokens × rank)
-product with a transposed left side, which MKL runs at a tenth of its speed on the CPU (43 ms against 5 ms for the same
-product computed as (midᵀ·g)ᵀ at 4096 tokens × 2560 outputs, fp32). `_LoraLinear` is the base Linear plus its LoRA
-in one autograd function that forms every thin product in its fast orientation, folds the scale into `up` and adds
-the LoRA term in place: the same values, and it keeps what PEFT's path keeps (the input and the rank-wide middle).
+product with a transposed left side, which the CPU's BLAS runs at a tenth of its speed (43 ms against 5 ms for the
+same product computed as (midᵀ·g)ᵀ at 4096 tokens × 2560 outputs, fp32). `_LoraLinear` is the base Linear plus its
+LoRA in one autograd function that forms every thin product in its fast orientation, folds the scale into `up` and
+adds the LoRA term in place: the same values, and it keeps what PEFT's path keeps (the input and the rank-wide middle).
 `_LoraConv1x1` does the same for the 1x1 convolutions SD 1.x uses as proj_in / proj_out, whose LoRA PEFT runs as
-two convolutions (in bf16 four times slower than the products on the (channels × pixels) matrices).
+two convolutions. `scripts/benchmark_lora_layers.py` times both against PEFT per SD 1.5 layer shape: what the LoRA
+adds to a 512 px step, 1.17 → 0.47 s in fp32 and 0.44 → 0.32 s in bf16 (layers over 77-256 tokens lose up to 0.8 ms
+each to the autograd function's own overhead; the large ones gain 5-50 ms).
 """
 from __future__ import annotations
 
