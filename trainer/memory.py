@@ -61,9 +61,10 @@ def return_big_blocks_to_the_os() -> None:
     """training.return_freed_memory: every block of 4 MB or more gets its own map, unmapped when freed.
 
     The heap then cannot fragment between the set-up (VAE encoding at full resolution) and the steps, or between
-    forward and backward. `scripts/benchmark.py` (ours-fp32-freed / ours-fp32), SD 1.5 fp32: peak RSS 4.57 vs
-    4.65 GB at 256 px and 5.97 vs 7.08 GB at 512 px, for steps 1.27× and 1.16× as long, since every big block is
-    a fresh, zeroed map. Off by default, on in the low-memory preset.
+    forward and backward. `scripts/benchmark.py` (ours-fp32-freed / ours-fp32), SD 1.5 fp32: peak RSS 4.32 vs
+    4.33 GB at 256 px and 5.42 vs 5.80 GB at 512 px, for steps 1.26× and 1.15× as long, since every big block is
+    a fresh, zeroed map (docs/benchmark-results/2026-11-28-sd15-cpu-lora-products.json; before lean.py's LoRA
+    products, 7.08 → 5.97 GB at 512 px). Off by default, on in the low-memory preset.
     """
     libc = _libc()
     if libc is not None:
