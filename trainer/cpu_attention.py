@@ -7,11 +7,11 @@ blocks do not. `scripts/benchmark_attention.py` (forward + backward, one thread,
 trainer's allocator setting; ours / flash): bf16 cross-attention 0.42-0.55×, self-attention over 64-1024 tokens
 0.46-0.64×, 4096 tokens (SD 1.5 at 512 px) 0.68× (its forward alone 0.70×).
 
-The 4096-token layers still take flash: their probabilities are 256 MB per layer and stay until backward. Kept (a
-256 MB limit), they brought SD 1.5's bf16 step at 512 px to 11.2 s, 2.04× the forward pass (scripts/benchmark.py;
-13.0 s and 2.41× with flash in the run before), but its peak RSS to 6.2 GB, above the plain diffusers + PEFT loop's
-5.3 GB: 2.9 GB more, of which 1.25 GB are the kept probabilities (the rest, not yet measured apart, the softmax's
-and its backward's 256 MB temporaries and the heap's fragmentation). Hence `MAX_SAVED_BYTES`.
+The 4096-token layers still take flash: their probabilities are 256 MB per layer and stay until backward. Kept
+(`MAX_SAVED_BYTES = 256 * 2**20`, softmax and its backward in place as below), they bring SD 1.5's bf16 step at
+512 px to 11.5 s, 2.09× the forward pass (docs/benchmark-results/2026-11-28-sd15-cpu-keep-256mb-probabilities.json;
+13.0 s and 2.41× with flash in this session's full run), but RSS during the steps to 5.16 GB, 1.29× the plain diffusers + PEFT loop's (whose peak, 5.25 GB, comes
+from loading), and the +1.8 GB would put the text-encoder-training variant above it. Hence `MAX_SAVED_BYTES`.
 In fp32 self-attention over 1024-4096 tokens is 1.1-1.8× slower, the rest gains 2-17%: flash is kept for fp32.
 
 The rule, checked per call: CPU, gradients on, bf16/fp16 inputs, no mask, the probabilities at most
@@ -34,7 +34,10 @@ class SavedProbabilities(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
         qs = q * scale
-        p = torch.softmax(torch.matmul(qs, k.transpose(-1, -2)), dim=-1)
+        scores = torch.matmul(qs, k.transpose(-1, -2))
+        # In place: the scores' buffer becomes the probabilities (torch's row-wise kernel reads each row before it
+        # writes it; tests/test_cpu_attention.py checks against torch.softmax), one (L × L) buffer instead of two.
+        p = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
         ctx.save_for_backward(qs, k, v, p)
         ctx.scale = scale
         return torch.matmul(p, v)
@@ -43,8 +46,9 @@ class SavedProbabilities(torch.autograd.Function):
     def backward(ctx, grad_out):
         qs, k, v, p = ctx.saved_tensors
         grad_v = torch.matmul(p.transpose(-1, -2), grad_out)
-        # dS = P ⊙ (dP − rowsum(dP ⊙ P)): torch's fused softmax backward
-        grad_s = torch._softmax_backward_data(torch.matmul(grad_out, v.transpose(-1, -2)), p, -1, p.dtype)
+        # dS = P ⊙ (dP − rowsum(dP ⊙ P)): torch's fused softmax backward, in place into dP's buffer (as above)
+        grad_p = torch.matmul(grad_out, v.transpose(-1, -2))
+        grad_s = torch.ops.aten._softmax_backward_data.out(grad_p, p, -1, p.dtype, grad_input=grad_p)
         grad_q = torch.matmul(grad_s, k) * ctx.scale
         grad_k = torch.matmul(grad_s.transpose(-1, -2), qs)
         return grad_q, grad_k, grad_v, None
