@@ -60,6 +60,18 @@ def _thin_grads(grad_y: torch.Tensor, x: torch.Tensor, mid_t: torch.Tensor, up_s
     return grad_mid_t, grad_down, grad_up
 
 
+def _linear_with_lora(x, weight, bias, down, up, scale: float, dtype: torch.dtype):
+    """base(x) + scale · up(down(x)) for 2-D x already in `dtype`, and the middle (rank × tokens) backward needs."""
+    y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    mid_t = down.to(dtype) @ x.t()
+    return y.addmm_(mid_t.t(), (up * scale).to(dtype).t()), mid_t
+
+
+def _input_grad(grad_y, weight, grad_mid_t, down, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of _linear_with_lora's input: through the frozen base and the LoRA's down-projection."""
+    return (grad_y @ weight.to(dtype)).addmm_(grad_mid_t.t(), down.to(dtype))
+
+
 class _LoraLinear(torch.autograd.Function):
     """y = base(x) + scale * up(down(x)) for a frozen base Linear; saves x and the rank-wide middle, as PEFT does."""
 
@@ -68,9 +80,7 @@ class _LoraLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = _flat(x).to(dtype)
-            y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
-            mid_t = down.to(dtype) @ x2.t()
-            y.addmm_(mid_t.t(), (up * scale).to(dtype).t())
+            y, mid_t = _linear_with_lora(x2, weight, bias, down, up, scale, dtype)
         # x itself when no cast was needed (it may be kept anyway: q, k and v share theirs), else the cast.
         ctx.save_for_backward(x if x.dtype == dtype else x2, weight, down, up, mid_t)
         ctx.shape, ctx.x_dtype, ctx.dtype, ctx.scale = x.shape, x.dtype, dtype, scale
@@ -87,8 +97,7 @@ class _LoraLinear(torch.autograd.Function):
                                                          need_down, need_up, ctx.scale)
             grad_x = None
             if need_x:
-                grad_x = (gy @ weight.to(dtype)).addmm_(grad_mid_t.t(), down.to(dtype))
-                grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
+                grad_x = _input_grad(gy, weight, grad_mid_t, down, dtype).view(ctx.shape).to(ctx.x_dtype)
         return (grad_x, None, None, None if grad_down is None else grad_down.to(down.dtype),
                 None if grad_up is None else grad_up.to(up.dtype), None)
 
@@ -144,10 +153,7 @@ class _GatedLoraOut(torch.autograd.Function):
         dtype = _compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):  # explicit casts: the same ones in backward
             a, g = _flat(h).to(dtype).chunk(2, dim=-1)
-            p = a * F.gelu(g)
-            mid_t = down.to(dtype) @ p.t()
-            y = F.linear(p, weight.to(dtype), None if bias is None else bias.to(dtype))
-            y.addmm_(mid_t.t(), (up * scale).to(dtype).t())
+            y, mid_t = _linear_with_lora(a * F.gelu(g), weight, bias, down, up, scale, dtype)
         ctx.save_for_backward(h, weight, down, up, mid_t)
         ctx.dtype, ctx.scale = dtype, scale
         return y.view(*h.shape[:-1], y.shape[-1])
@@ -165,7 +171,7 @@ class _GatedLoraOut(torch.autograd.Function):
             grad_mid_t, grad_down, grad_up = _thin_grads(gy, a * gate if need_down else None, mid_t,
                                                          (up * ctx.scale).to(dtype), need_down, need_up, ctx.scale)
             if need_h:
-                grad_p = (gy @ weight.to(dtype)).addmm_(grad_mid_t.t(), down.to(dtype))
+                grad_p = _input_grad(gy, weight, grad_mid_t, down, dtype)
                 grad_g = torch.ops.aten.gelu_backward(grad_p * a, g)
                 grad_h = torch.cat([grad_p * gate, grad_g], dim=-1).view(h.shape).to(h.dtype)
         return (grad_h, None, None, None if grad_down is None else grad_down.to(down.dtype),
