@@ -53,6 +53,8 @@ SETTINGS = [
     Setting("training.grad_accum", _num("Gradient accumulation", minimum=1), True),
     Setting("training.mixed_precision", _choice("training.mixed_precision", "Mixed precision"), True),
     Setting("training.gradient_checkpointing", _check("Gradient checkpointing (less memory)"), True),
+    Setting("training.attention_memory_mb", _num("Attention memory (MB, CPU)",
+                                                 "bf16 on a CPU: faster steps for this much more RAM; 0 = none"), True),
     Setting("data.repeats", _num("Repeats per epoch", minimum=1), True),
     Setting("data.flip", _check("Random horizontal flip"), True),
     Setting("data.shuffle_tags", _check("Shuffle comma-separated tags"), True),

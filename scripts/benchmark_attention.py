@@ -7,9 +7,10 @@ Each shape is (query tokens, key tokens, head dim) with 8 heads and batch 1, lai
 processor passes them (a transposed view of the projections). Times are the best of --repeats process-CPU
 measurements of one forward and backward (and of the forward alone: "forward only", ours / flash), the two
 implementations alternating, so that both see the same machine.
-The "ours" column is what the trainer runs: SavedProbabilities where `keeps_probabilities` says so, flash otherwise
-(so it equals flash where the rule declines); --force times SavedProbabilities everywhere, which is why the rule
-declines where it does. Prints a table and the ratios.
+The "ours" column is what the trainer runs for a call that finds --memory-mb of its budget free: the probabilities of
+as many query rows as fit are kept (SavedProbabilities), flash takes the rest and any call the rule declines (fp32);
+--force keeps them for every shape and dtype, which is why the rule declines where it does. Prints a table and the
+ratios.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer.cpu_attention import SavedProbabilities, keeps_probabilities  # noqa: E402
+from trainer.cpu_attention import DEFAULT_MEMORY_MB, attention, rows_to_keep  # noqa: E402
 from trainer.memory import keep_freed_memory  # noqa: E402
 
 SHAPES = [  # SD 1.5: level 0 (320 wide, 40 per head), level 1 (640, 80), level 2 (1280, 160)
@@ -46,12 +47,15 @@ def _flash(q, k, v):
 
 
 FORCE = False
+AVAILABLE = DEFAULT_MEMORY_MB * 2**20
+
+
+def _rows(q, k) -> int:
+    return q.shape[2] if FORCE else rows_to_keep(q, k, AVAILABLE)
 
 
 def _ours(q, k, v):
-    if FORCE or keeps_probabilities(q, k):
-        return SavedProbabilities.apply(q, k, v, q.shape[-1] ** -0.5)
-    return F.scaled_dot_product_attention(q, k, v)
+    return attention(q, k, v, q.shape[-1] ** -0.5, _rows(q, k))
 
 
 def _time(fn, q, k, v) -> tuple[float, float]:
@@ -70,9 +74,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--force", action="store_true", help="SavedProbabilities for every shape and dtype")
+    p.add_argument("--memory-mb", type=float, default=DEFAULT_MEMORY_MB,
+                   help="budget left for each call (training.attention_memory_mb; default %(default)s)")
     args = p.parse_args()
-    global FORCE
-    FORCE = args.force
+    global FORCE, AVAILABLE
+    FORCE, AVAILABLE = args.force, int(args.memory_mb * 2**20)
     torch.set_num_threads(1)
     # As the trainer on the CPU: freed blocks serve the next call. Without it every call of the large shapes faults
     # hundreds of MB of fresh pages in, which is what this measured before (4096 tokens: 1.11× instead of 0.68×).
@@ -91,7 +97,9 @@ def main() -> int:
                 ours.append(_time(_ours, q, k, v))
             (flash_fwd, flash_all), (ours_fwd, ours_all) = ([min(t[i] for t in times) for i in (0, 1)]
                                                             for times in (flash, ours))
-            path = "saved probabilities" if FORCE or keeps_probabilities(q, k) else "flash (rule declines)"
+            rows = _rows(q, k)
+            path = ("saved probabilities" if rows == lq else "flash (rule declines)" if rows == 0
+                    else f"saved probabilities for {rows} of {lq} rows, flash for the rest")
             print(f"{label:24s} {name:5s} {flash_all * 1e3:9.1f} {ours_all * 1e3:9.1f} "
                   f"{ours_all / flash_all:11.2f} {ours_fwd / flash_fwd:13.2f}  {path}", flush=True)
     return 0

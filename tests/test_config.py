@@ -45,6 +45,7 @@ def test_every_preset_key_has_a_comment():
     ({"optimizer": {"optimizer": "sgd"}}, "`optimizer.optimizer` = 'sgd' is not one of: adamw, adamw8bit, prodigy"),
     ({"training": {"mixed_precision": True}}, "`training.mixed_precision` must be a str"),
     ({"data": {"caption_dropout": 1.5}}, "`data.caption_dropout` must be in [0, 1)"),
+    ({"training": {"attention_memory_mb": -1}}, "`training.attention_memory_mb` must be ≥ 0 (0 keeps none), got -1"),
     ({"data": {"resolution": 500}}, "must be a multiple of `data.bucket_step`"),
     ({"output": {"name": "my:lora"}}, "without :"),
     ({"network": 3}, "`network` is a section"),

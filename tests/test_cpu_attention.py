@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from test_lean import _inputs, _step, _unet
 from trainer import cpu_attention
-from trainer.cpu_attention import SavedProbabilities, keeps_probabilities, use_cpu_training_attention
+from trainer.cpu_attention import SavedProbabilities, rows_to_keep, use_cpu_training_attention
 
 
 def _qkv(dtype, lq=5, lk=7, heads=2, dim=3, seed=0):
@@ -59,23 +59,31 @@ def test_which_calls_keep_probabilities():
     def shapes(lq, lk, dtype=torch.bfloat16, heads=8):
         return torch.empty(1, heads, lq, 40, dtype=dtype), torch.empty(1, heads, lk, 40, dtype=dtype)
 
-    assert keeps_probabilities(*shapes(1024, 1024))  # SD 1.5 at 256 px: 16 MB of probabilities
-    assert keeps_probabilities(*shapes(4096, 77))  # cross-attention at 512 px
-    assert not keeps_probabilities(*shapes(4096, 4096))  # 256 MB per layer: peak memory above the reference's
-    assert not keeps_probabilities(*shapes(64, 64, torch.float32))  # fp32: flash is faster for long sequences
+    mb = 2**20
+    assert rows_to_keep(*shapes(1024, 1024), 1024 * mb) == 1024  # SD 1.5 at 256 px: 16 MB of probabilities
+    assert rows_to_keep(*shapes(4096, 77), 6 * mb) == 4096  # cross-attention at 512 px: 4.8 MB
+    # 512 px self-attention: 64 KB per query row (8 heads × 4096 keys × 2 bytes); 100 MB keep 1600 rows
+    assert rows_to_keep(*shapes(4096, 4096), 100 * mb) == 1600
+    assert rows_to_keep(*shapes(4096, 4096), 63 * 64 * 1024) == 0  # under MIN_ROWS: not worth the split
+    assert rows_to_keep(*shapes(32, 32), 32 * 8 * 32 * 2) == 32  # a call shorter than MIN_ROWS, kept whole
+    assert rows_to_keep(*shapes(4096, 4096), -5) == 0  # budget overspent
+    assert rows_to_keep(*shapes(64, 64, torch.float32), 1024 * mb) == 0  # fp32: flash is faster for long sequences
     with torch.no_grad():
-        assert not keeps_probabilities(*shapes(64, 64))  # nothing to keep for
+        assert rows_to_keep(*shapes(64, 64), 1024 * mb) == 0  # nothing to keep for
 
 
-def test_every_unet_attention_takes_it_in_bf16_training_with_diffusers_results(monkeypatch):
-    """The processor's wiring: in float64 (path forced), outputs and LoRA gradients equal diffusers' processor;
-    under bf16 autocast every attention layer of the UNet takes the saved-probabilities path."""
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_every_unet_attention_takes_it_in_bf16_training_with_diffusers_results(monkeypatch, share):
+    """The processor's wiring: in float64 (path forced for all query rows, or for the first half and flash for the
+    rest), outputs and LoRA gradients equal diffusers' processor; under bf16 autocast every attention layer of the
+    UNet takes the saved-probabilities path."""
     flash = _unet().double()
     ours = copy.deepcopy(flash)
     use_cpu_training_attention(ours)
     x, t, text, kwargs = _inputs(flash, "sd1")
     inputs = (x.double(), t, text.double(), kwargs)
-    monkeypatch.setattr(cpu_attention, "keeps_probabilities", lambda q, k: torch.is_grad_enabled())
+    monkeypatch.setattr(cpu_attention, "rows_to_keep",
+                        lambda q, k, available: int(q.shape[2] * share) if torch.is_grad_enabled() else 0)
     out_flash, grads_flash = _step(flash, inputs)
     out_ours, grads_ours = _step(ours, inputs)
     torch.testing.assert_close(out_ours, out_flash, rtol=1e-6, atol=1e-6)  # _step returns float32 outputs
@@ -86,9 +94,41 @@ def test_every_unet_attention_takes_it_in_bf16_training_with_diffusers_results(m
     calls = []
     apply = SavedProbabilities.apply
     monkeypatch.setattr(cpu_attention.SavedProbabilities, "apply", lambda *a: calls.append(1) or apply(*a))
-    ours = ours.float()
+    ours = copy.deepcopy(flash).float()
+    use_cpu_training_attention(ours)
     _step(ours, _inputs(ours, "sd1"), bf16=True)
     assert len(calls) == sum(1 for n, _ in ours.named_modules() if n.endswith((".attn1", ".attn2")))
+
+
+def test_budget_bounds_the_probabilities_kept_in_a_step_and_checkpointing_repeats_the_choices(monkeypatch):
+    """A budget of half what the tiny UNet's attention would keep: the bytes kept per forward stay within it, some
+    call keeps only part of its rows, every step makes the same choices, and with gradient checkpointing (whose
+    recomputed forward must save what the first one saved) the results equal the run without it."""
+    monkeypatch.setattr(cpu_attention, "MIN_ROWS", 8)  # the tiny UNet's calls have 1-64 query rows
+    unet = _unet().float()
+    inputs = _inputs(unet, "sd1")
+    full = copy.deepcopy(unet)
+    everything = use_cpu_training_attention(full, memory_mb=1024)
+    _step(full, inputs, bf16=True)
+    full_rows = list(everything.decided.values())
+    assert all(full_rows) and everything.spent > 0
+
+    ours = copy.deepcopy(unet)
+    processor = use_cpu_training_attention(ours)
+    processor.memory_bytes = everything.spent // 2  # memory_mb counts MB; the tiny model keeps a few hundred KB
+    out_plain, grads_plain = _step(ours, inputs, bf16=True)
+    rows, spent = list(processor.decided.values()), processor.spent
+    assert everything.spent // 4 < spent <= processor.memory_bytes
+    assert any(0 < r < f for r, f in zip(rows, full_rows)) and 0 in rows  # a partial call, and flash after it
+    _step(ours, inputs, bf16=True)
+    assert list(processor.decided.values()) == rows and processor.spent == spent
+
+    ours.enable_gradient_checkpointing()
+    out_ckpt, grads_ckpt = _step(ours, inputs, bf16=True)
+    assert list(processor.decided.values()) == rows  # the recomputation inside backward chose as the forward did
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    for a, b in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("context", [None, 77])

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import tiny_models
-from trainer import loop
+from trainer import cpu_attention, loop
 from trainer.config import build_config
 from trainer.events import read_events
 from trainer.lora_file import inspect_lora, read_lora
@@ -284,6 +284,19 @@ def test_gradient_checkpointing_same_weights_and_accumulation_counts_steps(works
     start = next(e for e in events if e["event"] == "start")
     assert start["steps_per_epoch"] == 2  # four images, two micro-batches per optimiser step
     assert [e["epoch"] for e in events if e["event"] == "step"] == [0, 1]
+
+
+def test_attention_memory_setting_reaches_the_attention(workspace, monkeypatch):
+    """training.attention_memory_mb: bf16 training on the CPU keeps attention probabilities for backward
+    (SavedProbabilities runs) unless the setting is 0."""
+    calls = []
+    apply = cpu_attention.SavedProbabilities.apply
+    monkeypatch.setattr(cpu_attention.SavedProbabilities, "apply", lambda *a: calls.append(1) or apply(*a))
+    bf16 = {"steps": 1, "mixed_precision": "bf16"}
+    assert loop.train(config(workspace, "attn-none", training={**bf16, "attention_memory_mb": 0})).exists()
+    assert not calls
+    assert loop.train(config(workspace, "attn-default", training=bf16)).exists()
+    assert calls
 
 
 def test_training_runs_on_the_good_files_of_a_messy_dataset(workspace, tmp_path):

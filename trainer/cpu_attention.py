@@ -7,17 +7,20 @@ blocks do not. `scripts/benchmark_attention.py` (forward + backward, one thread,
 trainer's allocator setting; ours / flash): bf16 cross-attention 0.42-0.55×, self-attention over 64-1024 tokens
 0.46-0.64×, 4096 tokens (SD 1.5 at 512 px) 0.68× (its forward alone 0.70×).
 
-The 4096-token layers still take flash: their probabilities are 256 MB per layer and stay until backward. Kept
-(`MAX_SAVED_BYTES = 256 * 2**20`, softmax and its backward in place as below), they bring SD 1.5's bf16 step at
-512 px to 11.5 s, 2.09× the forward pass (docs/benchmark-results/2026-11-28-sd15-cpu-keep-256mb-probabilities.json;
-13.0 s and 2.41× with flash in this session's full run), but RSS during the steps to 5.16 GB, 1.29× the plain diffusers + PEFT loop's (whose peak, 5.25 GB, comes
-from loading), and the +1.8 GB would put the text-encoder-training variant above it. Hence `MAX_SAVED_BYTES`.
-In fp32 self-attention over 1024-4096 tokens is 1.1-1.8× slower, the rest gains 2-17%: flash is kept for fp32.
+What it costs is memory: the probabilities stay until backward, 256 MB for each of SD 1.5's five 4096-token layers at
+512 px. `training.attention_memory_mb` bounds what one forward pass keeps; calls are served in order, a call that
+does not fit keeps as many query rows as do (rows are independent) and flash takes the rest. SD 1.5, bf16, 512 px
+(`scripts/benchmark.py`): with the default 1024 MB a step takes 0.92× the time of keeping none, 2.2× the forward pass
+instead of 2.4×, for 1.3-1.4 GB more RSS (the kept bytes, backward's dP block, and the heap's holes between steps);
+peak RSS stays under the plain diffusers + PEFT loop's, whose own peak comes from loading. Keeping all five layers
+(1.3 GB) gave 2.09× but 1.8 GB more. At 256 px everything fits in 100 MB.
+In fp32, self-attention over 1024-4096 tokens is 5-8% slower this way (its forward 17-29%), the rest gains 2-13%:
+flash is kept for fp32.
 
-The rule, checked per call: CPU, gradients on, bf16/fp16 inputs, no mask, the probabilities at most
-`MAX_SAVED_BYTES`. Anything else takes diffusers' own AttnProcessor2_0 (flash attention). Precision: outputs and
-gradients within bf16's rounding of the exact ones (the probabilities are kept in bf16 as the matmul with V uses
-them; about twice flash's error, which keeps them in fp32 inside the kernel).
+The rule (`rows_to_keep`): CPU, gradients on, bf16/fp16 inputs, no mask, budget left. Anything else takes diffusers'
+own AttnProcessor2_0 (flash attention). Precision: outputs and gradients within bf16's rounding of the exact ones
+(the probabilities are kept in bf16 as the matmul with V uses them; about twice flash's error, which keeps them in
+fp32 inside the kernel).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-MAX_SAVED_BYTES = 32 * 2**20  # per call: 1024² scores × 8 heads × 2 bytes is 16 MB (SD 1.5 at 256 px, level 0)
+DEFAULT_MEMORY_MB = 1024  # training.attention_memory_mb's default
 
 
 class SavedProbabilities(torch.autograd.Function):
@@ -54,19 +57,65 @@ class SavedProbabilities(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
-def keeps_probabilities(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether SavedProbabilities is the faster way for this call (see the module docstring)."""
+BLOCK_BYTES = 32 * 2**20  # probabilities per SavedProbabilities call (see `attention`)
+MIN_ROWS = 64  # fewer kept rows than this (and than the call has) gain less than the split costs
+
+
+def rows_to_keep(q: torch.Tensor, k: torch.Tensor, available_bytes: int) -> int:
+    """How many of this call's query rows keep their probabilities, given `available_bytes` of the budget.
+
+    Query rows are independent in attention, so a call that does not fit keeps a prefix of its rows (flash takes
+    the rest). 0 where SavedProbabilities is not the faster way: no gradients, not on the CPU, or fp32 (see the
+    module docstring)."""
     batch, heads, length_q, _ = q.shape
-    return (torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and batch * heads * length_q * k.shape[-2] * q.element_size() <= MAX_SAVED_BYTES)
+    if not (torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
+        return 0
+    rows = min(length_q, max(available_bytes, 0) // (batch * heads * k.shape[-2] * q.element_size()))
+    return rows if rows >= min(length_q, MIN_ROWS) else 0
+
+
+def attention(q, k, v, scale: float, rows: int) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale)·V with the probabilities of the first `rows` query rows kept, flash for the others.
+
+    The kept rows go in blocks of at most BLOCK_BYTES of probabilities, each its own SavedProbabilities: blocks of
+    one size reuse the heap's free holes from step to step (whole layers of 256 MB left RSS growing for several
+    steps), and backward's dP buffer is one block's size, not the layer's."""
+    if rows == 0:
+        return F.scaled_dot_product_attention(q, k, v)
+    per_block = max(1, BLOCK_BYTES // (q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()))
+    parts = [SavedProbabilities.apply(q[:, :, i:min(i + per_block, rows)], k, v, scale)
+             for i in range(0, rows, per_block)]
+    if rows < q.shape[2]:
+        parts.append(F.scaled_dot_product_attention(q[:, :, rows:], k, v))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 class CpuTrainingAttnProcessor(AttnProcessor2_0):
-    """AttnProcessor2_0 with SavedProbabilities where `keeps_probabilities` says so.
+    """AttnProcessor2_0 with SavedProbabilities where `rows_to_keep` says so, within `memory_bytes` per forward pass.
 
-    Handles the plain attention of SD's UNets (3-d hidden states, no mask, no extra norms, no residual); any other
-    configuration goes to diffusers' processor unchanged.
+    The budget is spent in call order during a forward pass (`new_pass`, a pre-hook on the UNet, starts the count)
+    and each decision is remembered per layer and shapes: a forward pass that gradient checkpointing repeats inside
+    backward makes the same choices (non-reentrant checkpointing requires it), and later steps at the same shapes
+    spend the same bytes. Handles the plain attention of SD's UNets (3-d hidden states, no mask, no extra norms, no
+    residual); any other configuration goes to diffusers' processor unchanged.
     """
+
+    def __init__(self, memory_bytes: int = DEFAULT_MEMORY_MB * 2**20):
+        super().__init__()
+        self.memory_bytes = memory_bytes
+        self.spent = 0  # bytes of probabilities this forward pass keeps so far
+        self.decided: dict[tuple, int] = {}  # (layer, query shape, key shape, dtype) → kept rows
+
+    def new_pass(self, *_) -> None:
+        self.spent = 0
+
+    def _attention(self, attn, q, k, v, scale: float) -> torch.Tensor:
+        key = (id(attn), q.shape, k.shape, q.dtype, torch.is_grad_enabled())
+        rows = self.decided.get(key)
+        if rows is None:
+            rows = self.decided[key] = rows_to_keep(q, k, self.memory_bytes - self.spent)
+        self.spent += rows * q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()
+        return attention(q, k, v, scale, rows)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
@@ -81,14 +130,14 @@ class CpuTrainingAttnProcessor(AttnProcessor2_0):
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         head_dim = k.shape[-1] // attn.heads
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        if keeps_probabilities(q, k):
-            out = SavedProbabilities.apply(q, k, v, head_dim ** -0.5)  # SDPA's default scale, as diffusers uses
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = self._attention(attn, q, k, v, head_dim ** -0.5)  # SDPA's default scale, as diffusers uses
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def use_cpu_training_attention(unet) -> None:
-    """Every attention layer of `unet` gets CpuTrainingAttnProcessor (one shared, stateless instance)."""
-    unet.set_attn_processor(CpuTrainingAttnProcessor())
+def use_cpu_training_attention(unet, memory_mb: int = DEFAULT_MEMORY_MB) -> CpuTrainingAttnProcessor:
+    """Every attention layer of `unet` gets one shared CpuTrainingAttnProcessor with a budget of `memory_mb`."""
+    processor = CpuTrainingAttnProcessor(memory_mb * 2**20)
+    unet.set_attn_processor(processor)
+    unet.register_forward_pre_hook(processor.new_pass)
+    return processor

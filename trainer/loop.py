@@ -131,7 +131,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     add_lora(unet, encoders, net)
     lean_forwards(unet)  # fewer activations kept for backward, same results (lean.py)
     if device.type == "cpu":
-        use_cpu_training_attention(unet)  # bf16 attention backward without recomputation (cpu_attention.py)
+        use_cpu_training_attention(unet, tr.attention_memory_mb)  # bf16 attention without recomputation
     trained = [unet] + (encoders if net.train_text_encoder else [])
     names = ["unet"] + (part_names(len(encoders)) if net.train_text_encoder else [])
     if tr.gradient_checkpointing:
