@@ -17,6 +17,7 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
   ours-fp32-te  the same with train_text_encoder true: the text encoder runs forward and backward every step
   ours-fp32-freed  ours-fp32 with training.return_freed_memory (the low-memory preset's allocator setting)
   ours-auto(-te) mixed_precision "auto" (bf16 where the CPU has avx512_bf16 / AMX); -te: the trainer's defaults
+  ours-auto-nokeep  ours-auto with training.attention_memory_mb 0 (flash attention's recomputation everywhere)
   fwd-fp32/-bf16  one forward pass of the bare UNet under no_grad: the compute floor of a step is about two
   fwdbwd-fp32/-bf16  the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
   fwd(bwd)-fp32-glibc  with glibc's defaults; the others use the trainer's allocator setting (trainer/memory.py)
@@ -52,6 +53,7 @@ VARIANTS = {  # name: (kind, precision, train_text_encoder)
     "ref-fp32-te": ("reference", "no", True), "ours-fp32": ("ours", "no", False),
     "ours-fp32-te": ("ours", "no", True), "ours-fp32-freed": ("ours", "no", False),
     "ours-auto": ("ours", "auto", False), "ours-auto-te": ("ours", "auto", True),
+    "ours-auto-nokeep": ("ours", "auto", False),
     "fwd-fp32": ("forward", "no", False), "fwd-bf16": ("forward", "bf16", False),
     "fwdbwd-fp32": ("bare", "no", False), "fwdbwd-bf16": ("bare", "bf16", False),
     "fwd-fp32-glibc": ("forward", "no", False), "fwdbwd-fp32-glibc": ("bare", "no", False),
@@ -68,13 +70,14 @@ TARGETS = [
     ("ours bf16 step / bf16 forward pass", "ours-auto", "fwd-bf16", 2.3, True),
     ("reference fp32 step / fp32 forward pass (for scale)", "ref-fp32", "fwd-fp32", None, False),
     ("ours fp32 with training.return_freed_memory / without (its cost)", "ours-fp32-freed", "ours-fp32", None, False),
+    ("ours bf16 with training.attention_memory_mb 1024 (default) / 0", "ours-auto", "ours-auto-nokeep", None, True),
     ("bare fp32 forward+backward / fp32 forward pass (the kernels' floor)", "fwdbwd-fp32", "fwd-fp32", None, False),
     ("bare bf16 forward+backward / bf16 forward pass (the kernels' floor)", "fwdbwd-bf16", "fwd-bf16", None, True),
     ("fp32 forward pass, trainer's allocator setting / glibc's defaults", "fwd-fp32", "fwd-fp32-glibc", None, False),
     ("bare fp32 forward+backward, trainer's allocator setting / glibc's", "fwdbwd-fp32", "fwdbwd-fp32-glibc", None, False),
 ]
 MEMORY_TARGETS = [("ours-fp32", "ref-fp32"), ("ours-fp32-freed", "ref-fp32"), ("ours-fp32-te", "ref-fp32-te"),
-                  ("ours-auto", "ref-bf16"), ("ours-auto-te", "ref-bf16"), ("ours-auto", "ref-fp32"), ("ours-auto-te", "ref-fp32")]
+                  ("ours-auto", "ref-bf16"), ("ours-auto-nokeep", "ref-bf16"), ("ours-auto-te", "ref-bf16"), ("ours-auto", "ref-fp32"), ("ours-auto-te", "ref-fp32")]
 GB = 1024 ** 3
 
 
@@ -163,7 +166,7 @@ def run_ours(spec: dict, monitor: Monitor) -> dict:
         "data": {"dataset": spec["data"], "resolution": spec["resolution"]},
         "network": {"rank": spec["rank"], "alpha": float(spec["rank"]), "train_text_encoder": spec["te"]},
         "training": {"steps": total, "batch_size": 1, "mixed_precision": spec["precision"], "seed": spec["seed"],
-                     "return_freed_memory": spec.get("freed", False)},
+                     "return_freed_memory": spec["freed"], **({"attention_memory_mb": 0} if spec["nokeep"] else {})},
         # The end-of-run sample is not what is measured: make it as cheap as it can be.
         "sample": {"steps": 1, "width": 64, "height": 64, "prompts": ["a benchmark"]},
         "output": {"name": "benchmark", "lora_dir": str(run / "lora"), "run_dir": str(run)},
@@ -407,8 +410,7 @@ def main(argv=None) -> int:
     out_json = Path(args.json) if args.json else ROOT / "runs" / "benchmark" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     common = {"model": str(model), "rank": args.rank, "seed": args.seed, "warmup": args.warmup, "steps": args.steps}
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu_bf16": bf16_cpu,
-               "threads": args.threads,
-               "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "resolutions": {}}
+               "threads": args.threads, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "resolutions": {}}
     started = time.time()
     log(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch threads per variant: "
         f"{args.threads or 'default'}, bf16 CPU: {bf16_cpu}")
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
                 kind, precision, te = VARIANTS[name]
                 log(f"{res} px: {name} …")
                 spec = {**common, "kind": kind, "precision": precision, "te": te, "resolution": res, "data": str(data),
-                        "freed": name.endswith("-freed"), "glibc": name.endswith("-glibc")}
+                        **{k: name.endswith("-" + k) for k in ("freed", "glibc", "nokeep")}}
                 rows[name] = {"precision": {"no": "fp32"}.get(precision, precision),
                               **summarise(spawn(spec, work / f"{res}-{name}", args.threads), args.warmup)}
                 r = rows[name]
