@@ -20,6 +20,8 @@ Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's
   ours-auto-nokeep  ours-auto with training.attention_memory_mb 0 (flash attention's recomputation everywhere)
   fwd-fp32/-bf16  one forward pass of the bare UNet under no_grad: the compute floor of a step is about two
   fwdbwd-fp32/-bf16  the UNet with our LoRA, forward + backward only (no data, optimiser, trainer): the kernels' floor
+  fwdgrad-fp32/-bf16  its forward alone, gradients on: our step's forward with the trainer's kernels (bf16: kept
+                attention probabilities are faster to make than flash attention's forward)
   fwd(bwd)-fp32-glibc  with glibc's defaults; the others use the trainer's allocator setting (trainer/memory.py)
 Times: the median over --steps timed steps after --warmup untimed ones, wall clock and process CPU seconds (our
 trainer's step boundaries: the "start" and "step" events of its events.jsonl, as the UI reads them).
@@ -39,10 +41,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from statistics import median
+
+from benchmark_monitor import Monitor  # scripts/ is sys.path[0]: this file runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 SD1_CONFIGS = ROOT / "trainer" / "model_configs" / "sd1"
@@ -56,6 +59,7 @@ VARIANTS = {  # name: (kind, precision, train_text_encoder)
     "ours-auto-nokeep": ("ours", "auto", False),
     "fwd-fp32": ("forward", "no", False), "fwd-bf16": ("forward", "bf16", False),
     "fwdbwd-fp32": ("bare", "no", False), "fwdbwd-bf16": ("bare", "bf16", False),
+    "fwdgrad-fp32": ("bare", "no", False), "fwdgrad-bf16": ("bare", "bf16", False),
     "fwd-fp32-glibc": ("forward", "no", False), "fwdbwd-fp32-glibc": ("bare", "no", False),
 }
 # (label, numerator, denominator, limit, bf16 CPUs only): the issue's targets; None = shown for scale only.
@@ -68,6 +72,8 @@ TARGETS = [
     ("ours bf16 / reference bf16 (equal precision)", "ours-auto", "ref-bf16", 0.8, True),
     ("ours fp32 step / fp32 forward pass", "ours-fp32", "fwd-fp32", 2.3, False),
     ("ours bf16 step / bf16 forward pass", "ours-auto", "fwd-bf16", 2.3, True),
+    ("ours fp32 step / its own forward (fwdgrad: the trainer's kernels, gradients on)", "ours-fp32", "fwdgrad-fp32", None, False),
+    ("ours bf16 step / its own forward (fwdgrad: the trainer's kernels, gradients on)", "ours-auto", "fwdgrad-bf16", None, True),
     ("reference fp32 step / fp32 forward pass (for scale)", "ref-fp32", "fwd-fp32", None, False),
     ("ours fp32 with training.return_freed_memory / without (its cost)", "ours-fp32-freed", "ours-fp32", None, False),
     ("ours bf16 with training.attention_memory_mb 1024 (default) / 0", "ours-auto", "ours-auto-nokeep", None, True),
@@ -83,52 +89,6 @@ GB = 1024 ** 3
 
 # --------------------------------------------------------------------------------------------------------------
 # In the child processes
-
-
-class Monitor:
-    """Samples this process's RSS and CPU time every 50 ms, so peaks can be read for any time window."""
-
-    def __init__(self):
-        self.samples: list[tuple[float, int, float]] = []  # (unix time, rss bytes, cpu seconds)
-        self.marks: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * self._page
-        t = os.times()
-        self.samples.append((time.time(), rss, t.user + t.system))
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self._sample()
-
-    def start(self):
-        self._sample()
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def mark(self, name: str, t: float | None = None):
-        self.marks[name] = time.time() if t is None else t
-
-    def peak_rss(self, t0: float, t1: float) -> int:
-        inside = [rss for t, rss, _ in self.samples if t0 <= t <= t1]
-        return max(inside) if inside else 0
-
-    def cpu_at(self, when: float) -> float:
-        """CPU seconds used by `when`, interpolated between the two samples around it."""
-        before = max((s for s in self.samples if s[0] <= when), key=lambda s: s[0], default=self.samples[0])
-        after = min((s for s in self.samples if s[0] >= when), key=lambda s: s[0], default=self.samples[-1])
-        if after[0] == before[0]:
-            return before[2]
-        return before[2] + (after[2] - before[2]) * (when - before[0]) / (after[0] - before[0])
 
 
 def build_model(spec: dict, monitor: Monitor) -> dict:
@@ -246,7 +206,9 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
         t0, c0 = time.time(), os.times()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = unet(latents, timestep, text).sample
-        out.float().pow(2).mean().backward()
+        if not spec["fwdgrad"]:
+            out.float().pow(2).mean().backward()
+        del out  # fwdgrad: the graph (and what it keeps) goes here
         unet.zero_grad(set_to_none=True)
         c1 = os.times()
         steps.append({"wall": time.time() - t0, "cpu": c1.user + c1.system - c0.user - c0.system})
@@ -428,7 +390,8 @@ def main(argv=None) -> int:
                 kind, precision, te = VARIANTS[name]
                 log(f"{res} px: {name} …")
                 spec = {**common, "kind": kind, "precision": precision, "te": te, "resolution": res, "data": str(data),
-                        **{k: name.endswith("-" + k) for k in ("freed", "glibc", "nokeep")}}
+                        **{k: name.endswith("-" + k) for k in ("freed", "glibc", "nokeep")},
+                        "fwdgrad": name.startswith("fwdgrad")}
                 rows[name] = {"precision": {"no": "fp32"}.get(precision, precision),
                               **summarise(spawn(spec, work / f"{res}-{name}", args.threads), args.warmup)}
                 r = rows[name]

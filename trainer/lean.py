@@ -172,8 +172,12 @@ class _GatedLoraOut(torch.autograd.Function):
                                                          (up * ctx.scale).to(dtype), need_down, need_up, ctx.scale)
             if need_h:
                 grad_p = _input_grad(gy, weight, grad_mid_t, down, dtype)
-                grad_g = torch.ops.aten.gelu_backward(grad_p * a, g)
-                grad_h = torch.cat([grad_p * gate, grad_g], dim=-1).view(h.shape).to(h.dtype)
+                # [grad a | grad g] written into their halves of one buffer, not concatenated afterwards
+                grad_h = torch.empty(*a.shape[:-1], 2 * a.shape[-1], dtype=dtype, device=a.device)
+                grad_a, grad_g = grad_h.chunk(2, dim=-1)
+                torch.mul(grad_p, gate, out=grad_a)
+                torch.ops.aten.gelu_backward.grad_input(grad_p.mul_(a), g, grad_input=grad_g)
+                grad_h = grad_h.view(h.shape).to(h.dtype)
         return (grad_h, None, None, None if grad_down is None else grad_down.to(down.dtype),
                 None if grad_up is None else grad_up.to(up.dtype), None)
 
