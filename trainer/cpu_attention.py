@@ -9,11 +9,12 @@ trainer's allocator setting; ours / flash): bf16 cross-attention 0.42-0.55×, se
 
 What it costs is memory: the probabilities stay until backward, 256 MB for each of SD 1.5's five 4096-token layers at
 512 px. `training.attention_memory_mb` bounds what one forward pass keeps; calls are served in order, a call that
-does not fit keeps as many query rows as do (rows are independent) and flash takes the rest. SD 1.5, bf16, 512 px
-(`scripts/benchmark.py`): with the default 1024 MB a step takes 0.92× the time of keeping none, 2.2× the forward pass
-instead of 2.4×, for 1.3-1.4 GB more RSS (the kept bytes, backward's dP block, and the heap's holes between steps);
-peak RSS stays under the plain diffusers + PEFT loop's, whose own peak comes from loading. Keeping all five layers
-(1.3 GB) gave 2.09× but 1.8 GB more. At 256 px everything fits in 100 MB.
+does not fit keeps as many query rows as do (rows are independent) and flash takes the rest. `scripts/benchmark.py`,
+SD 1.5, bf16 (docs/benchmark-results/2026-11-28-sd15-cpu-attention-budget.json, ours-auto / ours-auto-nokeep):
+at 512 px the default 1024 MB makes a step 0.89× as long as keeping none (11.6 against 13.0 s; 2.13× the forward
+pass instead of 2.40×) for 0.75 GB more peak RSS (4.35 against 3.60 GB; 1.2 GB more during the steps: the kept bytes,
+backward's dP block and the heap's holes between steps), still under the plain diffusers + PEFT loop's 5.25 GB.
+At 256 px all of it fits in about 100 MB: 0.95×. Keeping all five layers (1.3 GB) gave 2.09× for 1.8 GB more.
 In fp32, self-attention over 1024-4096 tokens is 5-8% slower this way (its forward 17-29%), the rest gains 2-13%:
 flash is kept for fp32.
 
