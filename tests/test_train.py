@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import tiny_models
-from trainer import cpu_attention, loop
+from trainer import loop
 from trainer.config import build_config
 from trainer.events import read_events
 from trainer.lora_file import inspect_lora, read_lora
@@ -286,17 +286,33 @@ def test_gradient_checkpointing_same_weights_and_accumulation_counts_steps(works
     assert [e["epoch"] for e in events if e["event"] == "step"] == [0, 1]
 
 
-def test_attention_memory_setting_reaches_the_attention(workspace, monkeypatch):
+COUNT_SAVED_PROBABILITIES = """
+import sys
+from trainer import cpu_attention, loop
+from trainer.config import load_config
+calls = []
+apply = cpu_attention.SavedProbabilities.apply
+cpu_attention.SavedProbabilities.apply = lambda *a: calls.append(1) or apply(*a)
+for path in sys.argv[1:]:
+    calls.clear()
+    loop.train(load_config(path))
+    print("calls", len(calls))
+"""
+
+
+def test_attention_memory_setting_reaches_the_attention(workspace):
     """training.attention_memory_mb: bf16 training on the CPU keeps attention probabilities for backward
-    (SavedProbabilities runs) unless the setting is 0."""
-    calls = []
-    apply = cpu_attention.SavedProbabilities.apply
-    monkeypatch.setattr(cpu_attention.SavedProbabilities, "apply", lambda *a: calls.append(1) or apply(*a))
+    (SavedProbabilities runs) unless the setting is 0. In a child process: accelerate's state is per process and
+    this module's other runs are fp32."""
     bf16 = {"steps": 1, "mixed_precision": "bf16"}
-    assert loop.train(config(workspace, "attn-none", training={**bf16, "attention_memory_mb": 0})).exists()
-    assert not calls
-    assert loop.train(config(workspace, "attn-default", training=bf16)).exists()
-    assert calls
+    none = write_config(config(workspace, "attn-none", training={**bf16, "attention_memory_mb": 0}),
+                        workspace / "attn-none.toml")
+    default = write_config(config(workspace, "attn-default", training=bf16), workspace / "attn-default.toml")
+    out = subprocess.run([sys.executable, "-c", COUNT_SAVED_PROBABILITIES, str(none), str(default)], env=cli_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("calls ")]
+    assert counts[0] == 0 and counts[1] > 0, out.stdout
 
 
 def test_training_runs_on_the_good_files_of_a_messy_dataset(workspace, tmp_path):

@@ -105,7 +105,7 @@ class CpuTrainingAttnProcessor(AttnProcessor2_0):
         super().__init__()
         self.memory_bytes = memory_bytes
         self.spent = 0  # bytes of probabilities this forward pass keeps so far
-        self.decided: dict[tuple, int] = {}  # (layer, query shape, key shape, dtype) → kept rows
+        self.decided: dict[tuple, int] = {}  # (layer, query and key shapes, dtype, grad on) → kept rows
 
     def new_pass(self, *_) -> None:
         self.spent = 0
