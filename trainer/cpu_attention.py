@@ -62,16 +62,21 @@ BLOCK_BYTES = 32 * 2**20  # probabilities per SavedProbabilities call (see `atte
 MIN_ROWS = 64  # fewer kept rows than this (and than the call has) gain less than the split costs
 
 
+def _row_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Bytes of probabilities per query row: one for every key, in every batch item and head."""
+    return q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()
+
+
 def rows_to_keep(q: torch.Tensor, k: torch.Tensor, available_bytes: int) -> int:
     """How many of this call's query rows keep their probabilities, given `available_bytes` of the budget.
 
     Query rows are independent in attention, so a call that does not fit keeps a prefix of its rows (flash takes
     the rest). 0 where SavedProbabilities is not the faster way: no gradients, not on the CPU, or fp32 (see the
     module docstring)."""
-    batch, heads, length_q, _ = q.shape
+    length_q = q.shape[2]
     if not (torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
         return 0
-    rows = min(length_q, max(available_bytes, 0) // (batch * heads * k.shape[-2] * q.element_size()))
+    rows = min(length_q, max(available_bytes, 0) // _row_bytes(q, k))
     return rows if rows >= min(length_q, MIN_ROWS) else 0
 
 
@@ -83,7 +88,7 @@ def attention(q, k, v, scale: float, rows: int) -> torch.Tensor:
     steps), and backward's dP buffer is one block's size, not the layer's."""
     if rows == 0:
         return F.scaled_dot_product_attention(q, k, v)
-    per_block = max(1, BLOCK_BYTES // (q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()))
+    per_block = max(1, BLOCK_BYTES // _row_bytes(q, k))
     parts = [SavedProbabilities.apply(q[:, :, i:min(i + per_block, rows)], k, v, scale)
              for i in range(0, rows, per_block)]
     if rows < q.shape[2]:
@@ -115,7 +120,7 @@ class CpuTrainingAttnProcessor(AttnProcessor2_0):
         rows = self.decided.get(key)
         if rows is None:
             rows = self.decided[key] = rows_to_keep(q, k, self.memory_bytes - self.spent)
-        self.spent += rows * q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()
+        self.spent += rows * _row_bytes(q, k)
         return attention(q, k, v, scale, rows)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
