@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 import tiny_models
 from trainer import loop
-from trainer.config import build_config
+from trainer.config import ConfigError, build_config
 from trainer.events import read_events
 from trainer.lora_file import inspect_lora, read_lora
 
@@ -313,6 +313,18 @@ def test_attention_memory_setting_reaches_the_attention(workspace):
     assert out.returncode == 0, out.stderr[-2000:]
     counts = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("calls ")]
     assert counts[0] == 0 and counts[1] > 0, out.stdout
+
+
+def test_a_second_precision_in_one_process_is_a_clear_error(workspace):
+    """accelerate fixes the precision per process: a second training in the same process with another
+    mixed_precision stops with a message naming the key and the fix, before it writes anything."""
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="no", cpu=True)  # what this module's other runs set up
+    cfg = config(workspace, "second-precision", training={"steps": 1, "mixed_precision": "bf16"})
+    with pytest.raises(ConfigError, match=r"training\.mixed_precision.*bf16.*own process"):
+        loop.train(cfg)
+    assert not cfg.run_path().exists()
 
 
 def test_training_runs_on_the_good_files_of_a_messy_dataset(workspace, tmp_path):

@@ -36,6 +36,7 @@ from .lean import lean_forwards
 from .memory import keep_freed_memory, release_file_pages, return_big_blocks_to_the_os, trim_heap
 from .network import add_lora, load_lora_state, lora_parameters, lora_state
 from .optim import make_optimizer, make_scheduler
+from .precision import make_accelerator, resolve_precision
 
 
 class StopRequested:
@@ -46,24 +47,6 @@ class StopRequested:
 
     def __call__(self, *_):
         self.flag = True
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(choice: str, device: torch.device) -> str:
-    if choice == "fp16" and device.type == "cpu":
-        raise ConfigError("`training.mixed_precision` = \"fp16\" needs a CUDA GPU; on the CPU use \"bf16\" or \"no\"")
-    if choice != "auto":
-        return choice
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "no"
 
 
 def _parameters(*modules) -> list[torch.Tensor]:
@@ -82,7 +65,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = N
     elif probe_device.type == "cpu":
         keep_freed_memory()  # activations live in host memory: reuse freed blocks, no page faults (memory.py)
     precision = resolve_precision(cfg.training.mixed_precision, probe_device)
-    accelerator = Accelerator(mixed_precision=precision, cpu=probe_device.type == "cpu")
+    accelerator = make_accelerator(precision, cpu=probe_device.type == "cpu")
     events = EventLog(cfg.run_path(), enabled=accelerator.is_main_process)
     stop = stop or StopRequested()
     previous = {}
