@@ -17,57 +17,66 @@ from trainer.config import CHOICES, PRESETS_DIR, ConfigError, TrainConfig, build
 @dataclass(frozen=True)
 class Setting:
     key: str  # "section.field" in TrainConfig
-    make: Callable[[Any], gr.components.Component]  # the widget, showing the given value
+    label: str  # what the form calls it; error messages name it too (labelled())
+    make: Callable[[str, Any], gr.components.Component]  # (label, value) -> the widget showing the value
     advanced: bool = False
 
 
-def _num(label: str, info: str = "", integer: bool = True, minimum: float | None = 0):
-    return lambda value: gr.Number(value, label=label, info=info or None, precision=0 if integer else None,
-                                   minimum=minimum)
+# No `minimum=` on the numbers: Gradio's own refusal ("Value -5 is less than minimum value 0.") names no field;
+# the engine's range check (trainer.config.RANGES) does, and labelled() adds the label.
+def _num(info: str = "", integer: bool = True):
+    return lambda label, value: gr.Number(value, label=label, info=info or None, precision=0 if integer else None)
 
 
-def _check(label: str):
-    return lambda value: gr.Checkbox(value, label=label)
+def _check():
+    return lambda label, value: gr.Checkbox(value, label=label)
 
 
-def _choice(key: str, label: str):
-    return lambda value: gr.Dropdown(list(CHOICES[key]), value=value, label=label)
+def _choice(key: str):
+    return lambda label, value: gr.Dropdown(list(CHOICES[key]), value=value, label=label)
 
 
 SETTINGS = [
-    Setting("training.steps", _num("Steps", "optimiser steps (used when epochs is 0)")),
-    Setting("training.epochs", _num("Epochs", "0 = train for `Steps`")),
-    Setting("network.rank", _num("Rank", "LoRA dimension: 4–32 for styles, 32+ for detailed characters", minimum=1)),
-    Setting("network.alpha", _num("Alpha", "scale = alpha / rank; rank/2 is kohya's usual", integer=False)),
-    Setting("optimizer.learning_rate", _num("Learning rate", integer=False)),
-    Setting("optimizer.unet_lr", _num("UNet learning rate", "0 = the learning rate", integer=False)),
-    Setting("optimizer.text_encoder_lr", _num("Text encoder learning rate", "0 = the learning rate", integer=False)),
-    Setting("data.resolution", _num("Resolution", "pixels; a multiple of 64", minimum=64)),
-    Setting("network.train_text_encoder", _check("Train the text encoder")),
-    Setting("training.seed", _num("Seed", minimum=None)),
+    Setting("training.steps", "Steps", _num("optimiser steps (used when epochs is 0)")),
+    Setting("training.epochs", "Epochs", _num("0 = train for `Steps`")),
+    Setting("network.rank", "Rank", _num("LoRA dimension: 4–32 for styles, 32+ for detailed characters")),
+    Setting("network.alpha", "Alpha", _num("scale = alpha / rank; rank/2 is kohya's usual", integer=False)),
+    Setting("optimizer.learning_rate", "Learning rate", _num(integer=False)),
+    Setting("optimizer.unet_lr", "UNet learning rate", _num("0 = the learning rate", integer=False)),
+    Setting("optimizer.text_encoder_lr", "Text encoder learning rate", _num("0 = the learning rate", integer=False)),
+    Setting("data.resolution", "Resolution", _num("pixels; a multiple of 64")),
+    Setting("network.train_text_encoder", "Train the text encoder", _check()),
+    Setting("training.seed", "Seed", _num()),
     # ---- Advanced --------------------------------------------------------------------------------------
-    Setting("optimizer.optimizer", _choice("optimizer.optimizer", "Optimizer"), True),
-    Setting("optimizer.scheduler", _choice("optimizer.scheduler", "LR scheduler"), True),
-    Setting("optimizer.warmup_steps", _num("Warmup steps"), True),
-    Setting("training.batch_size", _num("Batch size", minimum=1), True),
-    Setting("training.grad_accum", _num("Gradient accumulation", minimum=1), True),
-    Setting("training.mixed_precision", _choice("training.mixed_precision", "Mixed precision"), True),
-    Setting("training.gradient_checkpointing", _check("Gradient checkpointing (less memory)"), True),
-    Setting("training.attention_memory_mb", _num("Attention memory (MB, CPU)",
-                                                 "bf16 on a CPU: faster steps for this much more RAM; 0 = none"), True),
-    Setting("data.repeats", _num("Repeats per epoch", minimum=1), True),
-    Setting("data.flip", _check("Random horizontal flip"), True),
-    Setting("data.shuffle_tags", _check("Shuffle comma-separated tags"), True),
-    Setting("data.keep_tokens", _num("Keep first N tags in place"), True),
-    Setting("data.caption_dropout", _num("Caption dropout", "probability, 0–1", integer=False), True),
-    Setting("training.noise_offset", _num("Noise offset", "0.05–0.1 for very dark/bright images", integer=False), True),
-    Setting("training.min_snr_gamma", _num("Min-SNR gamma", "5 is the paper's value; 0 = off", integer=False), True),
-    Setting("model.clip_skip", _num("CLIP skip", "2 for anime SD 1.x models", minimum=1), True),
-    Setting("sample.every_n_steps", _num("Sample images every N steps", "0 = only at the end"), True),
-    Setting("sample.prompts", lambda value: gr.Textbox(value, label="Sample prompts", info="one per line", lines=3),
-            True),
-    Setting("output.save_every_n_steps", _num("Save a checkpoint every N steps", "0 = only at the end"), True),
+    Setting("optimizer.optimizer", "Optimizer", _choice("optimizer.optimizer"), True),
+    Setting("optimizer.scheduler", "LR scheduler", _choice("optimizer.scheduler"), True),
+    Setting("optimizer.warmup_steps", "Warmup steps", _num(), True),
+    Setting("training.batch_size", "Batch size", _num(), True),
+    Setting("training.grad_accum", "Gradient accumulation", _num(), True),
+    Setting("training.mixed_precision", "Mixed precision", _choice("training.mixed_precision"), True),
+    Setting("training.gradient_checkpointing", "Gradient checkpointing (less memory)", _check(), True),
+    Setting("training.attention_memory_mb", "Attention memory (MB, CPU)",
+            _num("bf16 on a CPU: faster steps for this much more RAM; 0 = none"), True),
+    Setting("data.repeats", "Repeats per epoch", _num(), True),
+    Setting("data.flip", "Random horizontal flip", _check(), True),
+    Setting("data.shuffle_tags", "Shuffle comma-separated tags", _check(), True),
+    Setting("data.keep_tokens", "Keep first N tags in place", _num(), True),
+    Setting("data.caption_dropout", "Caption dropout", _num("probability, 0–1", integer=False), True),
+    Setting("training.noise_offset", "Noise offset", _num("0.05–0.1 for very dark/bright images", integer=False), True),
+    Setting("training.min_snr_gamma", "Min-SNR gamma", _num("5 is the paper's value; 0 = off", integer=False), True),
+    Setting("model.clip_skip", "CLIP skip", _num("2 for anime SD 1.x models"), True),
+    Setting("sample.every_n_steps", "Sample images every N steps", _num("0 = only at the end"), True),
+    Setting("sample.prompts", "Sample prompts",
+            lambda label, value: gr.Textbox(value, label=label, info="one per line", lines=3), True),
+    Setting("output.save_every_n_steps", "Save a checkpoint every N steps", _num("0 = only at the end"), True),
 ]
+
+
+def labelled(message: str) -> str:
+    """An engine message with each form setting's label beside its key: `training.steps` -> "Steps" (`...`)."""
+    for s in SETTINGS:
+        message = message.replace(f"`{s.key}`", f"\"{s.label}\" (`{s.key}`)")
+    return message
 
 
 def preset_names() -> list[str]:
@@ -103,7 +112,7 @@ def form_layer(values: list[Any]) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     for s, value in zip(SETTINGS, values):
         default = _get(defaults, s.key)
-        label = s.key
+        label = s.key  # labelled() names it as the form does
         if value is None or value == "" and not isinstance(default, (str, list)):
             raise ConfigError(f"the setting `{label}` is empty: type a value")
         if isinstance(default, list):

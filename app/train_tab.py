@@ -17,7 +17,7 @@ from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders, safe_folder_name
 from app.jobs import Jobs, RunView
 from app.uploads import add_trigger_word, find_replace, list_images, read_caption, save_uploads, write_caption
-from trainer.config import TrainConfig, build_config
+from trainer.config import ConfigError, TrainConfig, build_config
 from trainer.data import dataset_report as engine_dataset_report
 
 MAX_EDITOR_IMAGES = 200  # the caption editor renders one textbox per image
@@ -39,7 +39,11 @@ def run_config(folders: Folders, dataset: str, base_model: str, preset: str, nam
     paths = {"model": {"base_model": base_model or ""},
              "data": {"dataset": str(dataset_dir)},
              "output": {"name": name, "lora_dir": str(folders.lora_dir), "run_dir": str(folders.runs_dir / name)}}
-    return build_config({"preset": preset} if preset else {}, form.form_layer(values), form.extra_layer(extra), paths)
+    try:
+        return build_config({"preset": preset} if preset else {}, form.form_layer(values), form.extra_layer(extra),
+                            paths)
+    except ConfigError as e:
+        raise ConfigError(form.labelled(str(e))) from e
 
 
 # ---- dataset ----------------------------------------------------------------------------------------------
@@ -237,11 +241,11 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
             for pair in range(0, len(key_settings), 2):
                 with gr.Row():
                     for setting in key_settings[pair:pair + 2]:
-                        made[setting.key] = setting.make(initial[setting.key])
+                        made[setting.key] = setting.make(setting.label, initial[setting.key])
             with gr.Accordion("Advanced", open=False):
                 for setting in form.SETTINGS:
                     if setting.advanced:
-                        made[setting.key] = setting.make(initial[setting.key])
+                        made[setting.key] = setting.make(setting.label, initial[setting.key])
                 extra = gr.Code("", language=None, label="Extra settings (TOML, any key of the run config)", lines=3)
             widgets = [made[s.key] for s in form.SETTINGS]
 

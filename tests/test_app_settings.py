@@ -53,6 +53,14 @@ def test_run_config_keeps_every_path_inside_the_app_folders(tmp_path):
             run_config(folders, "shapes", "", None, bad, "", values)
     with pytest.raises(ValueError, match="has no images yet"):
         run_config(folders, "empty", "", None, "my-style", "", values)
+    # an engine refusal names the setting as the form labels it, beside its config key
+    keys = [s.key for s in form.SETTINGS]
+    for key, bad, message in [("training.steps", -5.0, '"Steps" (`training.steps`) must be ≥ 0, got -5'),
+                              ("optimizer.learning_rate", 0.0, '"Learning rate" (`optimizer.learning_rate`) must be > 0')]:
+        i = keys.index(key)
+        with pytest.raises(ConfigError) as e:
+            run_config(folders, "shapes", "", None, "my-style", "", values[:i] + [bad] + values[i + 1:])
+        assert message in str(e.value)
     # the config the UI writes is one the CLI reads back unchanged
     (tmp_path / "config.toml").write_text(cfg.to_toml())
     assert build_config(read_toml(tmp_path / "config.toml")).to_dict() == cfg.to_dict()
@@ -82,6 +90,6 @@ def test_the_built_form_shows_the_default_preset_without_a_page_load_event(tmp_p
         by_label.setdefault(getattr(block, "label", None), block)
     expected = form.preset_values(form.default_preset())
     for setting, value in zip(form.SETTINGS, expected):
-        label = setting.make(None).label
+        label = setting.label
         assert label in by_label, f"no widget labelled {label!r}"
         assert by_label[label].value == value, (setting.key, by_label[label].value, value)

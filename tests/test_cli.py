@@ -57,7 +57,7 @@ def test_user_errors_are_one_line_with_exit_code_2(files, capsys):
     assert main(["inspect", str(root / "missing.safetensors")]) == 2
     assert "missing.safetensors does not exist" in capsys.readouterr().err
     assert main(["train", "--dataset", str(root), "--rank", "0", "--output", str(root / "x.safetensors")]) == 2
-    assert "`network.rank` should be a positive integer" in capsys.readouterr().err
+    assert "`network.rank` must be ≥ 1" in capsys.readouterr().err
 
 
 def test_the_module_runs_as_a_process_without_a_traceback(files):

@@ -1,6 +1,7 @@
 """The config tree: TOML round trip, presets as sparse overrides, and errors that name the key and the fix."""
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -41,12 +42,17 @@ def test_every_preset_key_has_a_comment():
     ({"network": {"rnak": 8}}, "unknown config key `network.rnak`; allowed here: rank, alpha"),
     ({"netwrk": {}}, "unknown config key `netwrk`"),
     ({"network": {"rank": "eight"}}, "`network.rank` must be a whole number, got 'eight'"),
-    ({"network": {"rank": 0}}, "`network.rank` should be a positive integer but the value passed is 0"),
+    ({"network": {"rank": 0}}, "`network.rank` must be ≥ 1 (4-32 for styles, 32+ for detailed characters), got 0"),
     ({"optimizer": {"optimizer": "sgd"}}, "`optimizer.optimizer` = 'sgd' is not one of: adamw, adamw8bit, prodigy"),
     ({"training": {"mixed_precision": True}}, "`training.mixed_precision` must be a str"),
     ({"data": {"caption_dropout": 1.5}}, "`data.caption_dropout` must be in [0, 1)"),
     ({"training": {"attention_memory_mb": -1}}, "`training.attention_memory_mb` must be ≥ 0 (0 keeps none), got -1"),
     ({"data": {"resolution": 500}}, "must be a multiple of `data.bucket_step`"),
+    ({"optimizer": {"learning_rate": 0}}, "`optimizer.learning_rate` must be > 0 (1e-4 is usual for AdamW"),
+    ({"training": {"steps": -5}}, "`training.steps` must be ≥ 0, got -5"),
+    ({"network": {"alpha": 0}}, "`network.alpha` must be > 0 (the usual choice is rank/2 or rank), got 0.0"),
+    ({"sample": {"steps": 0}}, "`sample.steps` must be ≥ 1, got 0"),
+    ({"training": {"steps": 0}}, "set `training.steps` or `training.epochs` to a positive number"),
     ({"output": {"name": "my:lora"}}, "without :"),
     ({"network": 3}, "`network` is a section"),
     ({"optimizer": {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 0.5}}, "Prodigy adapts one step size"),
@@ -55,6 +61,19 @@ def test_bad_values_name_the_key_and_the_fix(layer, message):
     with pytest.raises(ConfigError) as e:
         build_config(layer)
     assert message in str(e.value)
+
+
+def test_every_number_has_a_range():
+    """A new numeric key without a range would take any value, negative steps included: each one is listed in
+    RANGES, except the seeds (any integer is a seed) and data.bucket_step (its own check: 32 or 64)."""
+    from trainer.config import RANGES
+
+    unbounded = {"training.seed", "sample.seed", "data.bucket_step"}
+    cfg = TrainConfig()
+    numbers = {f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+               for f in dataclasses.fields(getattr(cfg, section.name))
+               if type(getattr(getattr(cfg, section.name), f.name)) in (int, float)}
+    assert numbers - unbounded == set(RANGES), (numbers - unbounded) ^ set(RANGES)
 
 
 def test_unknown_preset_lists_the_known_ones():

@@ -159,6 +159,42 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "output.format": ("kohya", "diffusers"),
 }
 
+# Number ranges, checked in validate(): (lowest, highest or None, whether the lowest itself is refused, why).
+RANGES: dict[str, tuple[float, float | None, bool, str]] = {
+    "model.clip_skip": (1, None, False, "1 = CLIP's last layer, 2 = the penultimate"),
+    "data.resolution": (0, None, True, "512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL"),
+    "data.repeats": (1, None, False, ""),
+    "data.keep_tokens": (0, None, False, ""),
+    "data.min_bucket_reso": (0, None, False, "0 = resolution / 2"),
+    "data.max_bucket_reso": (0, None, False, "0 = resolution × 2"),
+    "data.caption_dropout": (0, 1, False, "a probability"),
+    "data.tag_dropout": (0, 1, False, "a probability"),
+    "data.prior_loss_weight": (0, None, False, ""),
+    "network.rank": (1, None, False, "4-32 for styles, 32+ for detailed characters"),
+    "network.alpha": (0, None, True, "the usual choice is rank/2 or rank"),
+    "network.dropout": (0, 1, False, "a probability"),
+    "optimizer.learning_rate": (0, None, True, "1e-4 is usual for AdamW, 1.0 for Prodigy"),
+    "optimizer.unet_lr": (0, None, False, "0 = the learning rate"),
+    "optimizer.text_encoder_lr": (0, None, False, "0 = the learning rate"),
+    "optimizer.weight_decay": (0, None, False, ""),
+    "optimizer.warmup_steps": (0, None, False, ""),
+    "optimizer.max_grad_norm": (0, None, False, "0 disables clipping"),
+    "training.steps": (0, None, False, ""),
+    "training.epochs": (0, None, False, "0 = train for steps"),
+    "training.batch_size": (1, None, False, ""),
+    "training.grad_accum": (1, None, False, ""),
+    "training.attention_memory_mb": (0, None, False, "0 keeps none"),
+    "training.min_snr_gamma": (0, None, False, "5 is the paper's value; 0 disables"),
+    "training.noise_offset": (0, None, False, "0.05-0.1 for very dark or bright images"),
+    "sample.every_n_steps": (0, None, False, "0 = only at the end"),
+    "sample.steps": (1, None, False, ""),
+    "sample.cfg": (0, None, False, "7 is usual"),
+    "sample.width": (0, None, False, "0 = the training resolution"),
+    "sample.height": (0, None, False, "0 = the training resolution"),
+    "output.save_every_n_steps": (0, None, False, "0 = only at the end"),
+    "output.save_every_n_epochs": (0, None, False, "0 = only at the end"),
+}
+
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check one TOML value against its field type; ints are accepted where floats are expected."""
@@ -202,44 +238,35 @@ def _check_choices(obj, section: str) -> None:
                 raise ConfigError(f"`{key}` = {value!r} is not one of: {', '.join(allowed)}")
 
 
-def _check_positive(values: dict[str, int]) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"`{key}` should be a positive integer but the value passed is {value}")
+def _check_ranges(obj, section: str) -> None:
+    for key, (low, high, low_refused, why) in RANGES.items():
+        if not key.startswith(section + "."):
+            continue
+        value = getattr(obj, key.split(".")[1])
+        if value < low or (low_refused and value == low) or (high is not None and value >= high):
+            allowed = f"in [{low}, {high})" if high is not None else f"> {low}" if low_refused else f"≥ {low}"
+            raise ConfigError(f"`{key}` must be {allowed}{f' ({why})' if why else ''}, got {value}")
 
 
 def validate_data(data: DataConfig) -> DataConfig:
     """The [data] checks. load_dataset runs them too: the CLI's `dataset` command and the UI's dataset report
     take a DataConfig on its own, without the rest of a run."""
     _check_choices(data, "data")
-    _check_positive({"data.resolution": data.resolution, "data.bucket_step": data.bucket_step,
-                     "data.repeats": data.repeats})
-    if data.keep_tokens < 0:
-        raise ConfigError(f"`data.keep_tokens` must be ≥ 0, got {data.keep_tokens}")
-    for key in ("caption_dropout", "tag_dropout"):
-        if not 0.0 <= getattr(data, key) < 1.0:
-            raise ConfigError(f"`data.{key}` must be in [0, 1), got {getattr(data, key)}")
-    if data.resolution % data.bucket_step:
-        raise ConfigError(f"`data.resolution` ({data.resolution}) must be a multiple of `data.bucket_step` ({data.bucket_step})")
+    _check_ranges(data, "data")
     if data.bucket_step not in (32, 64):
         raise ConfigError(f"`data.bucket_step` must be 64 (or 32 for SDXL), got {data.bucket_step}")
+    if data.resolution % data.bucket_step:
+        raise ConfigError(f"`data.resolution` ({data.resolution}) must be a multiple of `data.bucket_step` ({data.bucket_step})")
     return data
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     for section in ("model", "network", "optimizer", "training", "sample", "output"):
         _check_choices(getattr(cfg, section), section)
-    _check_positive({"network.rank": cfg.network.rank, "training.batch_size": cfg.training.batch_size,
-                     "training.grad_accum": cfg.training.grad_accum})
+        _check_ranges(getattr(cfg, section), section)
     validate_data(cfg.data)
-    if cfg.network.alpha <= 0:
-        raise ConfigError(f"`network.alpha` must be > 0 (the usual choice is rank/2 or rank), got {cfg.network.alpha}")
-    if cfg.training.attention_memory_mb < 0:
-        raise ConfigError(f"`training.attention_memory_mb` must be ≥ 0 (0 keeps none), got {cfg.training.attention_memory_mb}")
-    if cfg.training.steps <= 0 and cfg.training.epochs <= 0:
+    if cfg.training.steps == 0 and cfg.training.epochs == 0:
         raise ConfigError("set `training.steps` or `training.epochs` to a positive number")
-    if not 0.0 <= cfg.network.dropout < 1.0:
-        raise ConfigError(f"`network.dropout` must be in [0, 1), got {cfg.network.dropout}")
     o = cfg.optimizer
     if o.optimizer == "prodigy" and {o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate} != {o.learning_rate}:
         raise ConfigError("Prodigy adapts one step size for all parameters: leave `optimizer.unet_lr` and "
