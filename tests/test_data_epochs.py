@@ -71,3 +71,17 @@ def test_flips_and_fixed_captions(folder):
     on = [d for b in dataset(folder, flip=True, shuffle_tags=True).epoch_batches(2, 2) for d in b]
     off = [d for b in dataset(folder, flip=False, shuffle_tags=True).epoch_batches(2, 2) for d in b]
     assert [(d.image, d.caption, d.crop_seed) for d in on] == [(d.image, d.caption, d.crop_seed) for d in off]
+
+
+def test_a_runs_report_counts_its_steps_at_the_runs_batch_size(folder):
+    """The UI's report is about a run: with batch size 4 it says how many steps an epoch takes at 4 (one bucket per
+    batch, so not draws / 4), the number of batches the training loop draws."""
+    from trainer.config import build_config
+    from trainer.data import dataset_report
+
+    data = dict(dataset=str(folder), resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_step=32, repeats=3)
+    report = dataset_report(build_config({"data": data, "training": {"batch_size": 4}}))
+    batches = len(dataset(folder).epoch_batches(0, 4))
+    assert f"Images per epoch: 30; steps per epoch at batch size 4: {batches}" in report.lines()
+    assert batches == 3 + 3 + 2 + 1  # 12, 9, 6 and 3 draws in four buckets
+    assert "Steps per epoch at batch size 1: 30" in dataset_report(build_config({"data": data})).lines()

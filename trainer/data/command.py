@@ -12,14 +12,17 @@ from .report import DatasetError, DatasetReport
 def dataset_report(path_or_cfg: str | Path | DataConfig | TrainConfig, seed: int = 0) -> DatasetReport:
     """Check a dataset and describe it. Never raises for bad data: an unusable dataset is a report with
     usable=False and the reason."""
+    batch = 1
     if isinstance(path_or_cfg, TrainConfig):
-        cfg, seed = path_or_cfg.data, path_or_cfg.training.seed
+        cfg, seed, batch = path_or_cfg.data, path_or_cfg.training.seed, path_or_cfg.training.batch_size
     elif isinstance(path_or_cfg, DataConfig):
         cfg = path_or_cfg
     else:
         cfg = DataConfig(dataset=str(path_or_cfg))
     try:
-        return load_dataset(cfg, seed).report
+        ds = load_dataset(cfg, seed)
+        ds.report.batch_size, ds.report.batches_per_epoch = batch, ds.steps_per_epoch(batch)
+        return ds.report
     except DatasetError as e:
         if not e.report.source:
             e.report.source = cfg.dataset

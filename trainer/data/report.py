@@ -32,6 +32,8 @@ class DatasetReport:
     long_captions: list[tuple[Path, int, int]] = field(default_factory=list)  # (file, tokens, cut off); in warnings too
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # (w, h) -> images
     steps_per_epoch: int = 0  # at batch size 1 (= draws per epoch)
+    batch_size: int = 1  # a run's batch size, when the report is about a run (dataset_report(TrainConfig))
+    batches_per_epoch: int = 0  # at that batch size: one bucket per batch, so not simply draws / batch size
     top_tags: list[tuple[str, int]] = field(default_factory=list)
     root: Path | None = None  # file names in lines() are shown relative to this
 
@@ -51,7 +53,11 @@ class DatasetReport:
                 f" (class text {f.class_tokens!r})" if f.class_tokens else "")
             out.append(f"  {f.name}: {f.images} image{'s' * (f.images != 1)} × {f.repeats} repeat"
                        f"{'s' * (f.repeats != 1)}{kind}")
-        out.append(f"Steps per epoch at batch size 1: {self.steps_per_epoch}")
+        if self.batch_size > 1:
+            out.append(f"Images per epoch: {self.steps_per_epoch}; steps per epoch at batch size {self.batch_size}: "
+                       f"{self.batches_per_epoch}")
+        else:
+            out.append(f"Steps per epoch at batch size 1: {self.steps_per_epoch}")
         if self.buckets:
             out.append("Buckets (w×h: images): " + ", ".join(
                 f"{w}×{h}: {n}" for (w, h), n in sorted(self.buckets.items(), key=lambda kv: (-kv[1], kv[0]))))
@@ -80,6 +86,7 @@ class DatasetReport:
             "long_captions": [{"path": str(p), "tokens": n, "lost": lost} for p, n, lost in self.long_captions],
             "buckets": [{"resolution": [w, h], "images": n} for (w, h), n in sorted(self.buckets.items())],
             "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": self.batch_size, "batches_per_epoch": self.batches_per_epoch,
             "top_tags": [[tag, n] for tag, n in self.top_tags],
         }
 
