@@ -197,7 +197,11 @@ class Jobs:
             self.refuse_if_busy()
             if not (run_dir / "config.toml").exists():
                 raise UserError(f"There is no run to resume in {run_dir}: start a training first.")
-            if self.view(run_dir).checkpoint is None:
+            view = self.view(run_dir)
+            if view.status == "done":
+                raise UserError(f"Run '{run_dir.name}' has finished: its LoRA is {view.lora_path} (in the Gallery). "
+                                "To train further, start a new run under another LoRA name.")
+            if view.checkpoint is None:
                 raise UserError(f"Run '{run_dir.name}' has no checkpoint to resume from: press Start instead.")
             self._spawn(run_dir, resume=True)
 

@@ -84,14 +84,17 @@ def _duration(seconds: float | None) -> str:
 
 
 STATUS_TEXT = {"new": "not started", "starting": "starting (loading the model and the dataset)",
-               "running": "running", "done": "finished", "stopped": "stopped (a checkpoint was saved: Resume continues it)",
+               "running": "running", "done": "finished", "stopped": "stopped",
                "error": "failed", "crashed": "ended unexpectedly"}
 
 
 def status_html(view: RunView | None) -> str:
     if view is None:
         return '<div id="train-status-text" data-status="idle">No training yet: upload images, then press Start.</div>'
-    parts = [f"<b>{html.escape(view.name)}</b>: {STATUS_TEXT.get(view.status, view.status)}"]
+    text = STATUS_TEXT.get(view.status, view.status)
+    if view.status == "stopped" and view.checkpoint:
+        text += f" (checkpoint at step {view.checkpoint_step}: Resume continues it)"
+    parts = [f"<b>{html.escape(view.name)}</b>: {text}"]
     if view.total:
         parts.append(f"step {view.step} / {view.total} ({100 * view.step // max(view.total, 1)}%)")
     if view.status == "running":
@@ -264,8 +267,6 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
     timer = gr.Timer(2.0)
 
     # ---- wiring ----
-    files.upload(shown_as_gr_error(functools.partial(upload, folders)), [files, dataset, version],
-                 [upload_msg, dataset, files, version])
     trigger_btn.click(shown_as_gr_error(functools.partial(bulk_trigger, folders)),
                       [dataset, trigger, version], [bulk_msg, version])
     replace_btn.click(shown_as_gr_error(functools.partial(bulk_replace, folders)),
@@ -280,11 +281,15 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
     settings = [dataset, base_model, preset, name, extra, *widgets]
 
     @shown_as_gr_error
-    def check_dataset(dataset_name, base, preset_name, lora_name, extra_text, *values):
-        cfg = run_config(folders, dataset_name, base, preset_name, lora_name or "check", extra_text, list(values))
+    def check_dataset(dataset_name, base, preset_name, _lora_name, extra_text, *values):
+        # the LoRA name plays no part in the report: a placeholder, so that a bad name is not reported here
+        cfg = run_config(folders, dataset_name, base, preset_name, "dataset-check", extra_text, list(values))
         return dataset_report(cfg)[1]
 
     check_btn.click(check_dataset, settings, report)
+    # After an upload the report comes at once: it says which files cannot be used and why.
+    files.upload(shown_as_gr_error(functools.partial(upload, folders)), [files, dataset, version],
+                 [upload_msg, dataset, files, version]).success(check_dataset, settings, report)
     started_report = gr.State("")  # to the report box only after a successful Start: a refusal stays a toast
     start_btn.click(shown_as_gr_error(functools.partial(start, folders, jobs)), settings,
                     [started_report, action_msg], concurrency_limit=1

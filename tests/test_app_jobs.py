@@ -15,6 +15,7 @@ import pytest
 
 from app.errors import UserError
 from app.jobs import Jobs
+from app.train_tab import status_html
 from trainer.events import EventLog, read_events
 
 FAKE_TRAINER = textwrap.dedent('''
@@ -117,6 +118,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(jobs, tmp_path):
     view = wait_for(lambda: (v := j.view(run)).status == "stopped" and v)
     stopped_at = view.step
     assert view.checkpoint.endswith(f"step_{stopped_at:06d}") and stopped_at < 30
+    assert f"stopped (checkpoint at step {stopped_at}: Resume continues it)" in status_html(view)
     with pytest.raises(UserError, match="Press Resume"):
         j.start(run, "delay=0.01\n")  # a new Start must not wipe a run that has checkpoints
     j.resume(run)
@@ -124,6 +126,8 @@ def test_stop_then_resume_continues_from_the_checkpoint(jobs, tmp_path):
     steps = [s for s, _ in view.loss]
     assert steps == list(range(1, 31)), "resumed losses continue the curve without repeats"
     assert steps.count(stopped_at) == 1
+    with pytest.raises(UserError, match="'style' has finished: its LoRA is .*out.safetensors"):
+        j.resume(run)  # not "no checkpoint: press Start", which a finished run's name refuses
 
 
 def test_a_restarted_ui_finds_the_running_job_and_can_stop_it(jobs, tmp_path):
@@ -181,5 +185,6 @@ def test_stop_while_starting_is_a_stop_not_a_crash(jobs, tmp_path):
     j.stop(run)
     view = wait_for(lambda: (v := j.view(run)).status != "starting" and v)
     assert view.status == "stopped" and "press Start" in view.message
+    assert "Resume" not in status_html(view)  # no checkpoint was saved: the status must not promise one
     with pytest.raises(UserError, match="no checkpoint"):
         j.resume(run)

@@ -111,6 +111,9 @@ def test_train_then_stack_and_generate(studio, browser, shots, second_lora, tmp_
     boxes = page.locator(".caption-box textarea")
     expect(boxes).to_have_count(len(images), timeout=30_000)  # one caption box per uploaded image
     shots.take(page, "uploaded")
+    # the dataset report comes with the upload, without pressing Check dataset
+    page.wait_for_function("document.querySelector('#dataset-report textarea').value.includes('Usable: yes')",
+                           timeout=60_000)
 
     # ---- edit a caption: it is written to the caption file ----
     first_caption = dataset_dir / f"{images[0].stem}.txt"
