@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,20 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["k"] == "v"
+
+
+def test_trigger_words_are_the_tags_most_captions_share():
+    """The Gallery's trigger words when a file names no trigger phrase: the demo style set's captions each describe
+    their own picture and all end in `zebrastyle`; only that is a trigger word."""
+    from trainer.config import DataConfig
+    from trainer.data import load_dataset
+    from trainer.lora_file import trigger_words
+
+    root = Path(__file__).resolve().parent.parent
+    ds = load_dataset(DataConfig(dataset=str(root / "datasets" / "demo-style"), resolution=64), 0)
+    meta = {"ss_tag_frequency": json.dumps(ds.tag_frequency), "ss_dataset_dirs": json.dumps(ds.dataset_dirs)}
+    assert trigger_words(meta) == ["zebrastyle"]
+    # a file from elsewhere without image counts: the commonest tag's count stands in for them
+    tags = {"1girl": 20, "sks": 20, "solo": 15, "smile": 6, "hat": 2}
+    assert trigger_words({"ss_tag_frequency": json.dumps({"10_sks": tags})}) == ["1girl", "sks", "solo"]
+    assert trigger_words({**meta, "modelspec.trigger_phrase": "zebra style"}) == ["zebra style"]

@@ -167,13 +167,19 @@ def inspect_lora(path: str | Path) -> dict:
 
 
 def trigger_words(metadata: dict[str, str]) -> list[str]:
+    """The trigger phrase when the file names one; else the tags in at least half of the training captions (a
+    trigger word is in all of them; a caption's own description is in a few), at most five, commonest first."""
     if metadata.get("modelspec.trigger_phrase"):
         return [metadata["modelspec.trigger_phrase"]]
     try:
         freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
+        dirs = json.loads(metadata.get("ss_dataset_dirs", "{}"))
     except json.JSONDecodeError:
         return []
     tags: Counter[str] = Counter()
-    for folder in freq.values():
-        tags.update(folder)
-    return [t for t, _ in tags.most_common(5)]
+    images = 0
+    for folder, counts in freq.items():
+        tags.update(counts)
+        known = dirs.get(folder, {}).get("img_count") if isinstance(dirs.get(folder), dict) else None
+        images += known or max(counts.values(), default=0)  # without a count: the commonest tag's is a floor
+    return [t for t, n in tags.most_common() if 2 * n >= images][:5]
