@@ -135,8 +135,15 @@ def _save(folders: Folders, image: Image.Image, kind: str) -> str:
 
 
 def _common(steps, cfg, width, height, seed, sampler) -> dict:
-    if not steps or steps < 1:
-        raise UserError("steps must be at least 1")
+    if steps is None or not 1 <= steps <= 150:
+        raise UserError(f"Steps is {steps}: use 1 to 150 (20-30 is usual)")
+    if cfg is None or not 0 <= cfg <= 30:
+        raise UserError(f"CFG is {cfg}: use 0 to 30 (7 is usual; 1 or less turns guidance off)")
+    for label, value in (("Width", width), ("Height", height)):
+        if value is not None and (value < 0 or value % 8):
+            raise UserError(f"{label} is {value}: use 0 (the model's size) or a positive multiple of 8, like 512")
+    if seed is None:
+        raise UserError("Seed is empty: type a number, e.g. 1234")
     return dict(seed=int(seed), steps=int(steps), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
                 sampler=sampler)
 
@@ -202,7 +209,9 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
             with gr.Row():
                 count = gr.Markdown()
                 refresh_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-loras")
-            previews = gr.Gallery(columns=5, height=300, allow_preview=False, label="LoRAs", elem_id="lora-gallery")
+            # contain, fixed columns: one LoRA is a thumbnail, not a cropped full-width banner
+            previews = gr.Gallery(columns=5, height=300, allow_preview=False, label="LoRAs", elem_id="lora-gallery",
+                                  object_fit="contain", fit_columns=False)
             table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="lora-table")
         with gr.Column(scale=2):
             details = gr.Markdown("Select a LoRA to see its metadata.", elem_id="lora-details")
@@ -227,14 +236,15 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
     negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
     with gr.Row():
         seed = gr.Number(1234, label="Seed", precision=0, elem_id="gen-seed")
-        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=150, elem_id="gen-steps")
-        cfg = gr.Number(7.0, label="CFG", minimum=0, maximum=30, elem_id="gen-cfg")
-        width = gr.Number(0, label="Width", info="0 = the model's size", precision=0, minimum=0, step=64)
-        height = gr.Number(0, label="Height", info="0 = the model's size", precision=0, minimum=0, step=64)
+        # ranges checked in _common, whose messages name the field (Gradio's own name none)
+        steps = gr.Number(20, label="Steps", precision=0, elem_id="gen-steps")
+        cfg = gr.Number(7.0, label="CFG", elem_id="gen-cfg")
+        width = gr.Number(0, label="Width", info="0 = the model's size", precision=0, step=64)
+        height = gr.Number(0, label="Height", info="0 = the model's size", precision=0, step=64)
         sampler = gr.Dropdown(list(SAMPLERS), value="euler", label="Sampler", elem_id="gen-sampler")
     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
     gen_info = gr.Markdown(elem_id="gen-info")
-    image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="gen-image")
+    image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="gen-image", height=420)
 
     with gr.Accordion("Weight sweep: one LoRA at several weights, same seed", open=False):
         with gr.Row():
@@ -262,7 +272,9 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
     add_btn.click(shown_as_gr_error(add_to_mix), [selected, *[slots[3 * i] for i in range(SLOTS)]],
                   [slots[3 * i] for i in range(SLOTS)])
     common = [prompt, negative, seed, steps, cfg, width, height, sampler]
-    generate_btn.click(shown_as_gr_error(functools.partial(generate, folders, gen)), [base, *common, *slots],
-                       [image, gen_info], concurrency_id="generate", concurrency_limit=1)
+    # The line under the button is cleared first: after a refusal it must not describe the previous picture.
+    generate_btn.click(lambda: "", None, gen_info, show_progress="hidden").then(
+        shown_as_gr_error(functools.partial(generate, folders, gen)), [base, *common, *slots], [image, gen_info],
+        concurrency_id="generate", concurrency_limit=1)
     sweep_btn.click(shown_as_gr_error(functools.partial(sweep, folders, gen)), [base, sweep_lora, weights, *common],
                     sweep_image, concurrency_id="generate", concurrency_limit=1)

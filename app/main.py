@@ -20,6 +20,9 @@ from trainer.generate import Generator
 CSS = """
 .caption-card img { object-fit: cover; }
 #train-status-text progress { height: 14px; margin-top: 6px; }
+/* small pictures (the demo model's are 64 px) fill the box instead of sitting in its middle at their own size */
+#gen-image img { width: 100%; height: 100%; object-fit: contain; }
+#sweep-image .image-frame, #sweep-image img { width: 100%; height: auto; object-fit: contain !important; }
 """
 
 

@@ -262,7 +262,8 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
             download = gr.DownloadButton("Download", visible=False, elem_id="download-trained")
     loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
                             height=260, elem_id="loss-plot")
-    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_id="samples")
+    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=320, elem_id="samples",
+                         object_fit="contain", fit_columns=False)
     shown = gr.State({})
     timer = gr.Timer(2.0)
 
