@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 import tiny_models
 from trainer import loop
 from trainer.config import ConfigError, build_config
-from trainer.events import read_events
+from trainer.events import Pace, read_events
 from trainer.lora_file import inspect_lora, read_lora
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,6 +313,17 @@ def test_attention_memory_setting_reaches_the_attention(workspace):
     assert out.returncode == 0, out.stderr[-2000:]
     counts = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("calls ")]
     assert counts[0] == 0 and counts[1] > 0, out.stdout
+
+
+def test_pace_leaves_out_the_first_step_and_keeps_pauses_in_the_eta():
+    """The UI's ETA: a slow first step (warm-up) must not make it promise a far longer run; a pause for samples
+    is not the steps' speed but does come again, so it stays in the time left."""
+    pace = Pace()
+    assert pace.step(remaining=10, now=100.0) == (None, None)
+    assert pace.step(remaining=9, now=101.0) == (1.0, 9.0)
+    assert pace.step(remaining=8, now=102.0) == (1.0, 8.0)
+    pace.paused(now=112.0)  # ten seconds of samples
+    assert pace.step(remaining=7, now=113.0) == (1.0, 30.3)  # 3 steps in the 13 s since the first: 7 × 13/3
 
 
 def test_a_second_precision_in_one_process_is_a_clear_error(workspace):

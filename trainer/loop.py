@@ -27,7 +27,7 @@ from .conditioning import encode_text, sdxl_time_ids
 from .config import ConfigError, TrainConfig, save_config
 from .cpu_attention import use_cpu_training_attention
 from .data import Draw, LatentCache, latent_key, load_dataset
-from .events import EventLog
+from .events import EventLog, Pace
 from .generate import encode_prompt, make_pipeline, render_embeds
 from .lora_file import save_lora, to_diffusers, to_kohya, text_encoder_prefixes
 from .metadata import RunInfo, base_model_name, build_metadata
@@ -246,7 +246,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     # --- The steps: a flat stream of micro-batches, epoch after epoch ----------------------------------------------
     trim_heap()  # the set-up's freed buffers (full-resolution VAE encoding, loading) are not the steps' sizes
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=cfg.output.name, unit="step")
-    micro, loss_sum, t_last, it_s = 0, 0.0, time.time(), 0.0
+    micro, loss_sum, pace = 0, 0.0, Pace()
     batches, batches_epoch = None, None
     while step < total_steps:
         if batches_epoch != epoch:
@@ -280,14 +280,11 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         # Report: loss averaged over the processes, speed (smoothed), ETA.
         if world > 1:
             loss_sum = accelerator.reduce(torch.tensor(loss_sum, device=device), "mean").item()
-        now = time.time()
-        rate = 1.0 / max(now - t_last, 1e-9)
-        it_s, t_last = (rate if it_s == 0 else 0.8 * it_s + 0.2 * rate), now
+        it_s, eta_s = pace.step(total_steps - step)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_sum:.4f}")
         events.emit("step", step=step, total=total_steps, epoch=epoch, loss=round(loss_sum, 6),
-                    lr=lr_scheduler.get_last_lr()[0], it_s=round(it_s, 4),
-                    eta_s=round((total_steps - step) / max(it_s, 1e-9), 1))
+                    lr=lr_scheduler.get_last_lr()[0], it_s=it_s, eta_s=eta_s)
         loss_sum = 0.0
 
         # Samples, checkpoints, a requested stop.
@@ -297,6 +294,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         every_epochs = cfg.output.save_every_n_epochs and epoch_end and epoch % cfg.output.save_every_n_epochs == 0
         if (every_steps or every_epochs) and step < total_steps:
             checkpoint()
+        pace.paused()
         if _should_stop(stop, accelerator, device):
             path = checkpoint()
             events.emit("stopped", step=step, checkpoint=str(path) if path else None)
