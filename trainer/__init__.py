@@ -2,3 +2,6 @@
 
 Submodules are imported where used; importing `trainer` itself loads nothing heavy.
 """
+from .quiet import quiet_misleading_warnings
+
+quiet_misleading_warnings()  # before any submodule imports diffusers/transformers
