@@ -112,16 +112,15 @@ def form_layer(values: list[Any]) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     for s, value in zip(SETTINGS, values):
         default = _get(defaults, s.key)
-        label = s.key  # labelled() names it as the form does
         if value is None or value == "" and not isinstance(default, (str, list)):
-            raise ConfigError(f"the setting `{label}` is empty: type a value")
+            raise ConfigError(f"the setting `{s.key}` is empty: type a value")  # run_config adds the label
         if isinstance(default, list):
             value = [line.strip() for line in str(value).splitlines() if line.strip()]
         elif isinstance(default, bool):
             value = bool(value)
         elif isinstance(default, int):
             if float(value) != int(float(value)):
-                raise ConfigError(f"the setting `{label}` must be a whole number, got {value}")
+                raise ConfigError(f"the setting `{s.key}` must be a whole number, got {value}")
             value = int(float(value))
         elif isinstance(default, float):
             value = float(value)
