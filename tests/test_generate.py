@@ -108,3 +108,26 @@ def test_unknown_prompt_lora_names_the_folders(setup):
     root, base, loras, gen = setup
     with pytest.raises(LoraFileError, match=f"<lora:missing:…> names no file; looked for missing.safetensors in {loras}"):
         gen.generate("a cat <lora:missing:1>", steps=1)
+
+
+def test_a_half_precision_unet_decodes_through_the_fp32_vae_in_fp32():
+    """On CUDA the UNet and text encoders run in fp16 and the VAE stays fp32 (the SD VAEs overflow in fp16); the
+    SDXL pipeline casts latents to the VAE only when the VAE is fp16, so it handed fp16 latents to the fp32 VAE (a
+    dtype error), and the trainer's samples under autocast decoded in fp16. Here on the CPU: the VAE's decoder sees
+    fp32 in both cases, and the picture matches the all-fp32 one."""
+    from trainer.generate import encode_prompt, make_pipeline, render_embeds
+
+    parts = tiny_models.pipeline("sdxl")
+    encoders, tokenizers = [parts.text_encoder, parts.text_encoder_2], [parts.tokenizer, parts.tokenizer_2]
+    pipe = make_pipeline(parts.unet, parts.vae, encoders, tokenizers, parts.scheduler, "euler")  # as Generator
+    embeds = encode_prompt(encoders, tokenizers, "a red circle")
+    reference = np.asarray(render_embeds(pipe, embeds, seed=3, steps=4, width=64, height=64), dtype=np.float32)
+    seen = []
+    pipe.vae.decoder.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    for model in (pipe.unet, *encoders):  # as Generator.load on CUDA; the VAE stays fp32
+        model.half()
+    half = np.asarray(render_embeds(pipe, embeds, seed=3, steps=4, width=64, height=64), dtype=np.float32)
+    with torch.autocast("cpu", dtype=torch.float16):  # the trainer's samples in fp16 training
+        render_embeds(pipe, embeds, seed=3, steps=4, width=64, height=64)
+    assert seen == [torch.float32, torch.float32]
+    assert np.abs(half - reference).mean() < 2.0  # 0-255 scale: fp16 UNet noise only

@@ -91,8 +91,26 @@ def render_embeds(pipe, embeds: dict[str, torch.Tensor], seed: int = 0, steps: i
                   width: int = 512, height: int = 512) -> Image.Image:
     dtype = pipe.unet.dtype
     kwargs = {k: v.to(pipe.unet.device, dtype) for k, v in embeds.items()}
-    return pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]
+    latents = pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                   generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    return decode_latents(pipe, latents)
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
+    """Latents → picture, in the VAE's own dtype with autocast off. The pipelines cast latents to the VAE only when
+    the VAE is fp16: with an fp16 UNet and the fp32 VAE we keep (the SD VAEs overflow in fp16) they would pass fp16
+    latents to it (a dtype error on CUDA), and under the trainer's autocast they would decode in fp16 anyway."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:  # SDXL VAEs that publish their latent statistics
+            latents = latents * torch.tensor(std).view(1, -1, 1, 1).to(latents) / vae.config.scaling_factor \
+                + torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        else:
+            latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        image = vae.decode(latents).sample
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
 def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
