@@ -101,3 +101,22 @@ def test_bucket_range_defaults_follow_the_resolution():
     assert build_config({}).data.bucket_range() == (256, 1024)
     assert build_config({"data": {"resolution": 1024}}).data.bucket_range() == (512, 2048)
     assert build_config({"data": {"resolution": 64, "min_bucket_reso": 32}}).data.bucket_range() == (32, 128)
+
+
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    """A T4 or V100 'supports' bf16 only by emulation (torch's default check counts that): auto must pick fp16
+    there, bf16 on Ampere and later, bf16 or fp32 on a CPU by its instruction set; fp16 on a CPU is refused."""
+    import torch
+
+    from trainer import precision
+
+    cuda = torch.device("cuda")
+    for native, expected in ((False, "fp16"), (True, "bf16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native: n or including_emulation)
+        assert precision.resolve_precision("auto", cuda) == expected
+    for has, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda h=has: h)
+        assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        precision.resolve_precision("fp16", torch.device("cpu"))

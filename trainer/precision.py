@@ -27,7 +27,9 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     if choice != "auto":
         return choice
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Only bf16 the GPU computes natively (Ampere and later): torch's default also counts emulation, which on
+        # a T4 / RTX 20xx / V100 runs without tensor cores and without SDPA's flash kernels, several times slower.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_has_bf16() else "no"
 
 
