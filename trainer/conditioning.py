@@ -16,6 +16,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def _final_norm(text_encoder) -> torch.nn.Module:
+    text_encoder = getattr(text_encoder, "module", text_encoder)  # a trained encoder under several processes is DDP's
     # transformers 5 dropped the `text_model` level from CLIPTextModel but kept it in CLIPTextModelWithProjection.
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 

@@ -65,7 +65,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = N
     elif probe_device.type == "cpu":
         keep_freed_memory()  # activations live in host memory: reuse freed blocks, no page faults (memory.py)
     precision = resolve_precision(cfg.training.mixed_precision, probe_device)
-    accelerator = make_accelerator(precision, cpu=probe_device.type == "cpu")
+    accelerator = make_accelerator(precision, cpu=probe_device.type == "cpu",
+                                   unused_parameters=cfg.network.train_text_encoder)
     events = EventLog(cfg.run_path(), enabled=accelerator.is_main_process)
     stop = stop or StopRequested()
     previous = {}

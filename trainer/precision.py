@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 from .config import ConfigError
 
@@ -33,9 +34,12 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
-def make_accelerator(precision: str, cpu: bool) -> Accelerator:
+def make_accelerator(precision: str, cpu: bool, unused_parameters: bool = False) -> Accelerator:
+    """unused_parameters: some trained parameters get no gradient in a step (a text encoder's last layers when
+    conditioning on an earlier one: clip_skip, SDXL's first encoder); DDP must then look for them every step."""
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else []
     try:
-        return Accelerator(mixed_precision=precision, cpu=cpu)
+        return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
     except ValueError as e:
         # accelerate keeps one precision per process; a notebook or script that trains twice with another
         # `training.mixed_precision` lands here (the UI and CLI start a process per training, so never do).
