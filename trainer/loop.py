@@ -131,11 +131,11 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     if cfg.data.cache_latents != "off" and not ds.random_crop:
         cache = LatentCache(run_dir.parent / ".cache" / "latents")
         flips = (False, True) if cfg.data.flip else (False,)
-        if main:  # the main process fills the disk cache; the others then read it
-            latents_mem = _cached_latents(ds, flips, cache, base.identity, vae, device)
-        accelerator.wait_for_everyone()
-        if not main:
-            latents_mem = _cached_latents(ds, flips, cache, base.identity, vae, device)
+        if world > 1:  # each process encodes its share into the disk cache: one process encoding a large set
+            # alone kept the others waiting past NCCL's 10-minute timeout
+            _cached_latents(ds, flips, cache, base.identity, vae, device, share=(rank, world))
+            accelerator.wait_for_everyone()
+        latents_mem = _cached_latents(ds, flips, cache, base.identity, vae, device)
         # Every latent is cached: from here on the VAE only decodes samples. Its encoder (a third of the VAE,
         # 0.14 GB for SD's in fp32) is dropped, not moved to "meta": the pipelines ask the VAE for its device,
         # which is its first parameter's, and that would then be the encoder's "meta". An encoder read from a
@@ -149,7 +149,8 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         with torch.no_grad(), accelerator.autocast():
             for caption in sorted({r.caption for r in ds.images}):
                 emb, pooled = encode_text(encoders, tokenizers, [caption], cfg.model.clip_skip, device)
-                text_cache[caption] = (emb[0], None if pooled is None else pooled[0])
+                # in host memory, like the latents: SDXL's are ~0.3 MB a caption, GBs on a GPU for a big set
+                text_cache[caption] = (emb[0].cpu(), None if pooled is None else pooled[0].cpu())
     sample_prompts = cfg.sample.prompts or [ds.images[0].caption]
     sample_embeds: list[dict[str, torch.Tensor]] = []
     if text_cache:
@@ -186,6 +187,10 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         lr_scheduler.load_state_dict(state["scheduler"])
         noise_rng.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"][min(rank, len(state["torch_rng"]) - 1)])
+        if device.type == "cuda" and state.get("cuda_rng"):  # LoRA dropout on the GPU draws from its generator
+            torch.cuda.set_rng_state(state["cuda_rng"][min(rank, len(state["cuda_rng"]) - 1)], device)
+        if accelerator.scaler is not None and state.get("grad_scaler"):  # fp16: the loss scale it had reached
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
         step, epoch, batch_index, resumed_from = state["step"], state["epoch"], state["batch_index"], str(ckpt)
 
     *trained_fwd, optimizer = accelerator.prepare(*trained, optimizer)
@@ -202,15 +207,18 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
                        optimizer_name, ds.tag_frequency, ds.dataset_dirs, ds.bucket_info, thumbnail)
 
     def checkpoint() -> Path | None:
-        # Every process's RNG (LoRA dropout) goes into the one checkpoint the main process writes.
-        rng = torch.get_rng_state().unsqueeze(0)
-        rng_states = accelerator.gather(rng.to(device)).cpu() if world > 1 else rng
+        # Every process's RNGs (LoRA dropout) go into the one checkpoint the main process writes.
+        def every_process(rng: torch.Tensor) -> list[torch.Tensor]:
+            return list(accelerator.gather(rng.unsqueeze(0).to(device)).cpu() if world > 1 else rng.unsqueeze(0))
+        rng_states = every_process(torch.get_rng_state())
+        cuda_states = every_process(torch.cuda.get_rng_state(device)) if device.type == "cuda" else []
         path = None
         if main:
             lora = {name: lora_state(m) for name, m in zip(names, trained)}
             state = {"step": step, "epoch": epoch, "batch_index": batch_index, "optimizer": optimizer.state_dict(),
                      "scheduler": lr_scheduler.state_dict(), "noise_rng": noise_rng.get_state(),
-                     "torch_rng": list(rng_states)}
+                     "torch_rng": rng_states, "cuda_rng": cuda_states,
+                     "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
             path = save_checkpoint(run_dir, step, lora, state)
             _export(cfg, lora, path / f"{cfg.output.name}-step{step}.safetensors", info(), family)
             events.emit("checkpoint", step=step, path=str(path))
@@ -266,7 +274,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
             loss = _loss(cfg, ds, draws, global_batch, rank, latents_mem, text_cache, vae, encoders_fwd,
                          tokenizers, unet_fwd, noise_scheduler, noise_rng, family, device, accelerator, weight_dtype)
             accelerator.backward(loss / tr.grad_accum)
-        loss_sum += loss.detach().float().item() / tr.grad_accum
+        loss_sum = loss_sum + loss.detach().float() / tr.grad_accum  # a tensor: read once per step, not per micro-batch
         if not sync:
             continue
 
@@ -279,8 +287,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
         step += 1
 
         # Report: loss averaged over the processes, speed (smoothed), ETA.
-        if world > 1:
-            loss_sum = accelerator.reduce(torch.tensor(loss_sum, device=device), "mean").item()
+        loss_sum = (accelerator.reduce(loss_sum, "mean") if world > 1 else loss_sum).item()
         it_s, eta_s = pace.step(total_steps - step)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_sum:.4f}")
@@ -346,8 +353,8 @@ def _loss(cfg, ds, draws, global_batch, rank, latents_mem, text_cache, vae, enco
     # Text conditioning: cached when the encoders are frozen and captions fixed.
     captions = [d.caption for d in draws]
     if text_cache:
-        emb = torch.stack([text_cache[c][0] for c in captions])
-        pooled = torch.stack([text_cache[c][1] for c in captions]) if family.is_sdxl else None
+        emb = torch.stack([text_cache[c][0] for c in captions]).to(device)
+        pooled = torch.stack([text_cache[c][1] for c in captions]).to(device) if family.is_sdxl else None
     else:
         with torch.set_grad_enabled(cfg.network.train_text_encoder), accelerator.autocast():
             emb, pooled = encode_text(encoders, tokenizers, captions, cfg.model.clip_skip, device)
@@ -383,14 +390,17 @@ def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _cached_latents(ds, flips, cache, vae_identity, vae, device) -> dict[tuple[int, bool], torch.Tensor]:
-    """Every (image, flip) latent, from the disk cache or encoded once now; a warm cache never decodes."""
+def _cached_latents(ds, flips, cache, vae_identity, vae, device,
+                    share: tuple[int, int] = (0, 1)) -> dict[tuple[int, bool], torch.Tensor]:
+    """Every (image, flip) latent, from the disk cache or encoded once now; a warm cache never decodes.
+    share = (k, n): only every n-th pair from the k-th, for n processes filling the cache together."""
     out = {}
-    for i in range(len(ds.images)):
-        for flip in flips:
-            draw = Draw(image=i, flip=flip, caption="", crop_seed=0)  # centre crop: the seed is unused
-            key = latent_key(ds.images[i], flip, ds.crop_top_left(draw), vae_identity)
-            out[(i, flip)] = cache.get_or_encode(key, lambda: _encode(vae, ds.load_pixels(draw)[0][None].to(device))[0].float().cpu())
+    pairs = [(i, flip) for i in range(len(ds.images)) for flip in flips]
+    for i, flip in pairs[share[0]::share[1]]:
+        draw = Draw(image=i, flip=flip, caption="", crop_seed=0)  # centre crop: the seed is unused
+        key = latent_key(ds.images[i], flip, ds.crop_top_left(draw), vae_identity)
+        out[(i, flip)] = cache.get_or_encode(
+            key, lambda: _encode(vae, ds.load_pixels(draw)[0][None].to(device))[0].float().cpu())
     return out
 
 
