@@ -141,8 +141,11 @@ def test_dtype_and_sdxl_vae_upcast(tiny):
     pipe, folder, file = tiny["sdxl"]
     base = load_base_model(file, config_dir=folder, dtype=torch.float16)
     assert_same_weights(pipe, base, dtype=torch.float16, vae_dtype=torch.float32)
-    pipe, folder, _ = tiny["sd1"]
+    pipe, folder, file = tiny["sd1"]
     assert_same_weights(pipe, load_base_model(folder, dtype=torch.bfloat16), dtype=torch.bfloat16)
+    # SD 1.x's VAE overflows in fp16 too: kept fp32 as stored, not rounded to fp16 on the way
+    assert_same_weights(pipe, load_base_model(file, config_dir=folder, dtype=torch.float16), dtype=torch.float16,
+                        vae_dtype=torch.float32)
 
 
 def test_cast_while_reading_gives_diffusers_own_cast(tiny):

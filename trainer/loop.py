@@ -96,8 +96,6 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
     base_path = Path(cfg.model.base_model) if cfg.model.base_model else default_base_model()
     base = load_base_model(base_path, family=cfg.model.family, dtype=weight_dtype)
     family, unet, vae, encoders, tokenizers = base.family, base.unet, base.vae, base.text_encoders, base.tokenizers
-    if precision == "fp16":
-        vae.to(dtype=torch.float32)  # the SD VAEs overflow in fp16 (SDXL's visibly)
     noise_scheduler = base.noise_scheduler
     for m in (unet, vae, *encoders):
         m.to(device)

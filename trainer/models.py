@@ -100,8 +100,10 @@ def _identity(path: Path) -> str:
 
 
 def _vae_dtype(family: Family, dtype: torch.dtype) -> torch.dtype:
-    # SDXL's VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then; bf16 has the range.
-    return torch.float32 if family.is_sdxl and dtype == torch.float16 else dtype
+    # The SD VAEs overflow in fp16 (SDXL's visibly; its config says force_upcast; SD 1.x's now and then, A1111's
+    # --no-half-vae): under fp16 the VAE stays fp32, read so from the file rather than rounded and cast back.
+    # bf16 has fp32's range.
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _load_folder(folder: Path, family: Family, dtype: torch.dtype):
@@ -207,7 +209,7 @@ def load_base_model(path="", family: str = "auto", dtype: torch.dtype = torch.fl
     """Load a diffusers folder or a single checkpoint offline, frozen (requires_grad False, eval mode).
 
     path: "" means the built-in demo model. family: "auto" or a name in FAMILIES (see the module docstring).
-    dtype: of the frozen weights (bf16/fp16 to train on a GPU); SDXL's VAE stays fp32 under fp16.
+    dtype: of the frozen weights (bf16/fp16 to train on a GPU); the VAE stays fp32 under fp16.
     config_dir: a local diffusers-layout folder whose configs describe a single file, instead of the shipped
     trainer/model_configs/<family> (tests pass tiny models' folders; a user may pass a model's own configs).
     """
