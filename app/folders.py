@@ -65,6 +65,12 @@ class Folders:
     def list_datasets(self) -> list[str]:
         return sorted(p.name for p in self.datasets_dir.iterdir() if p.is_dir())
 
+    def latest_dataset(self) -> str | None:
+        """The dataset changed last (an upload or a caption edit): what a reopened page shows."""
+        folders = [p for p in self.datasets_dir.iterdir() if p.is_dir()]
+        newest = lambda p: max((f.stat().st_mtime for f in p.iterdir()), default=p.stat().st_mtime)  # noqa: E731
+        return max(folders, key=newest).name if folders else None
+
     def list_loras(self) -> list[Path]:
         """LoRA files in the LoRA folder, subfolders included (A1111 allows them), newest first."""
         files = [p for p in self.lora_dir.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]

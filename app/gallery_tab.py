@@ -111,7 +111,8 @@ def select_lora(index: LoraIndex, paths: list[str], position) -> tuple:
                + (f"  \n⚠ {info['error']}" if info.get("error") else ""))
     shown = {k: v for k, v in info.items() if k != "metadata"}
     shown["metadata"] = info.get("metadata", {})
-    return details, shown, gr.update(value=entry["path"], visible=True), entry["path"]
+    # the sweep's LoRA follows the selection: sweeping is what one does next with a LoRA just picked
+    return details, shown, gr.update(value=entry["path"], visible=True), entry["path"], gr.update(value=entry["path"])
 
 
 def add_to_mix(selected: str, *slot_values):
@@ -268,7 +269,7 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
         return select_lora(index, listed, evt.index)
 
     for source in (previews, table):
-        source.select(picked, paths, [details, metadata, download, selected])
+        source.select(picked, paths, [details, metadata, download, selected, sweep_lora])
     add_btn.click(shown_as_gr_error(add_to_mix), [selected, *[slots[3 * i] for i in range(SLOTS)]],
                   [slots[3 * i] for i in range(SLOTS)])
     common = [prompt, negative, seed, steps, cfg, width, height, sampler]

@@ -163,8 +163,10 @@ def stop(jobs: Jobs):
     run = jobs.active()
     if run is None:
         raise UserError("no training is running: there is nothing to stop")
+    training = jobs.view(run).status == "running"  # before its first step there is nothing to save
     jobs.stop(run)
-    return f"Stopping '{run.name}': a checkpoint is being saved."
+    return (f"Stopping '{run.name}': a checkpoint is being saved." if training
+            else f"Stopping '{run.name}' before its first step: no checkpoint is made.")
 
 
 def resume(jobs: Jobs):
@@ -179,12 +181,12 @@ def resume(jobs: Jobs):
 
 def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
     """The Train tab's components and events (call inside `with demo:` and a gr.Tab)."""
-    datasets = folders.list_datasets()
+    datasets, latest = folders.list_datasets(), folders.latest_dataset()
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("### 1. Images and captions")
             with gr.Row():
-                dataset = gr.Dropdown(datasets, value=datasets[0] if datasets else "my-dataset", allow_custom_value=True,
+                dataset = gr.Dropdown(datasets, value=latest or "my-dataset", allow_custom_value=True,
                                       label="Dataset folder", info="pick one, or type a new name", elem_id="dataset-name")
             files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt", ".caption"],
                             label="Upload images (several files, or a .zip with images and .txt captions)",
@@ -276,7 +278,8 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
 
     @shown_as_gr_error
     def folders_now():  # a reloaded page sees datasets and checkpoints added since the app started
-        return gr.update(choices=folders.list_datasets()), gr.update(choices=folders.base_models())
+        return (gr.update(choices=folders.list_datasets(), value=folders.latest_dataset() or "my-dataset"),
+                gr.update(choices=folders.base_models()))
     demo.load(folders_now, None, [dataset, base_model], show_progress="hidden")
 
     settings = [dataset, base_model, preset, name, extra, *widgets]
@@ -288,15 +291,19 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
         return dataset_report(cfg)[1]
 
     check_btn.click(check_dataset, settings, report)
+    dataset.change(lambda: "", None, report, show_progress="hidden")  # the report was about the other dataset
     # After an upload the report comes at once: it says which files cannot be used and why.
     files.upload(shown_as_gr_error(functools.partial(upload, folders)), [files, dataset, version],
                  [upload_msg, dataset, files, version]).success(check_dataset, settings, report)
     started_report = gr.State("")  # to the report box only after a successful Start: a refusal stays a toast
-    start_btn.click(shown_as_gr_error(functools.partial(start, folders, jobs)), settings,
-                    [started_report, action_msg], concurrency_limit=1
-                    ).success(lambda text: text, started_report, report, show_progress="hidden")
-    stop_btn.click(shown_as_gr_error(functools.partial(stop, jobs)), None, action_msg)
-    resume_btn.click(shown_as_gr_error(functools.partial(resume, jobs)), None, action_msg, concurrency_limit=1)
+    # Each button first clears the line under the buttons: it speaks of the latest action only.
+    start_btn.click(lambda: "", None, action_msg, show_progress="hidden").then(
+        shown_as_gr_error(functools.partial(start, folders, jobs)), settings, [started_report, action_msg],
+        concurrency_limit=1).success(lambda text: text, started_report, report, show_progress="hidden")
+    stop_btn.click(lambda: "", None, action_msg, show_progress="hidden").then(
+        shown_as_gr_error(functools.partial(stop, jobs)), None, action_msg)
+    resume_btn.click(lambda: "", None, action_msg, show_progress="hidden").then(
+        shown_as_gr_error(functools.partial(resume, jobs)), None, action_msg, concurrency_limit=1)
     poll = shown_as_gr_error(functools.partial(refresh, jobs))
     poll_outputs = [status, loss_plot, samples, download, shown]
     timer.tick(poll, shown, poll_outputs, show_progress="hidden")

@@ -84,6 +84,10 @@ def test_the_list_shows_family_rank_trigger_preview_and_unreadable_files(world):
     assert style["date"].startswith("2023-11-1")  # from ss_training_finished_at, not the file's mtime
     assert entries["chars/hero"]["preview"] is None
     assert entries["broken"]["format"] == "unreadable" and "broken.safetensors" in entries["broken"]["info"]["error"]
+    index = g.LoraIndex(folders)
+    paths = [e["path"] for e in index.entries()]
+    *_, picked, sweep = g.select_lora(index, paths, paths.index(style["path"]))
+    assert picked == style["path"] and sweep["value"] == style["path"]  # the sweep follows the selection
 
 
 @pytest.fixture(scope="module")

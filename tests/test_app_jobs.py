@@ -15,7 +15,7 @@ import pytest
 
 from app.errors import UserError
 from app.jobs import Jobs
-from app.train_tab import status_html
+from app.train_tab import status_html, stop
 from trainer.events import EventLog, read_events
 
 FAKE_TRAINER = textwrap.dedent('''
@@ -114,7 +114,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(jobs, tmp_path):
     run = tmp_path / "runs" / "style"
     j.start(run, "delay=0.1\n")
     wait_for(lambda: j.view(run).step >= 3)
-    j.stop(run)
+    assert stop(j) == "Stopping 'style': a checkpoint is being saved."  # the Stop button's message
     view = wait_for(lambda: (v := j.view(run)).status == "stopped" and v)
     stopped_at = view.step
     assert view.checkpoint.endswith(f"step_{stopped_at:06d}") and stopped_at < 30
@@ -182,7 +182,7 @@ def test_stop_while_starting_is_a_stop_not_a_crash(jobs, tmp_path):
     run = tmp_path / "runs" / "early"
     j.start(run, "slowstart\n")
     assert j.view(run).status == "starting"
-    j.stop(run)
+    assert "before its first step: no checkpoint" in stop(j)
     view = wait_for(lambda: (v := j.view(run)).status != "starting" and v)
     assert view.status == "stopped" and "press Start" in view.message
     assert "Resume" not in status_html(view)  # no checkpoint was saved: the status must not promise one

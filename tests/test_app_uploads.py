@@ -134,3 +134,18 @@ def test_folders_use_an_existing_comfyui_layout(tmp_path):
     assert set(folders.served()) == {str(tmp_path / "models" / "loras"), str(tmp_path / "out")}
     fresh = Folders.create(tmp_path / "fresh", tmp_path / "out2")
     assert fresh.lora_dir == tmp_path / "fresh" / "Lora" and fresh.lora_dir.is_dir()
+
+
+def test_a_reopened_page_shows_the_dataset_changed_last(tmp_path):
+    import os
+
+    folders = Folders.create(tmp_path / "models", tmp_path / "out")
+    assert folders.latest_dataset() is None
+    for name, when in (("b-older", 1_000), ("a-newer", 2_000), ("c-empty", 500)):
+        path = folders.dataset_path(name)
+        path.mkdir()
+        if name != "c-empty":
+            (path / "x.txt").write_text("a caption")
+            os.utime(path / "x.txt", (when, when))
+        os.utime(path, (when, when))
+    assert folders.latest_dataset() == "a-newer"  # by its files, not its name's place in the list

@@ -85,3 +85,7 @@ def test_a_runs_report_counts_its_steps_at_the_runs_batch_size(folder):
     assert f"Images per epoch: 30; steps per epoch at batch size 4: {batches}" in report.lines()
     assert batches == 3 + 3 + 2 + 1  # 12, 9, 6 and 3 draws in four buckets
     assert "Steps per epoch at batch size 1: 30" in dataset_report(build_config({"data": data})).lines()
+    empty = folder.parent / "empty-set"
+    empty.mkdir(exist_ok=True)
+    unusable = dataset_report(build_config({"data": {**data, "dataset": str(empty)}, "training": {"batch_size": 4}}))
+    assert not unusable.usable and "steps per epoch at batch size 4: 0" in "\n".join(unusable.lines())

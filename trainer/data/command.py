@@ -26,6 +26,7 @@ def dataset_report(path_or_cfg: str | Path | DataConfig | TrainConfig, seed: int
     except DatasetError as e:
         if not e.report.source:
             e.report.source = cfg.dataset
+        e.report.batch_size = batch
         return e.report
 
 
