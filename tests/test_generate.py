@@ -122,6 +122,14 @@ def test_a_half_precision_unet_decodes_through_the_fp32_vae_in_fp32():
     pipe = make_pipeline(parts.unet, parts.vae, encoders, tokenizers, parts.scheduler, "euler")  # as Generator
     embeds = encode_prompt(encoders, tokenizers, "a red circle")
     reference = np.asarray(render_embeds(pipe, embeds, seed=3, steps=4, width=64, height=64), dtype=np.float32)
+    # all in fp32 our decoding is diffusers' own, also for a VAE that publishes per-channel latent statistics
+    for stats in ({}, {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [0.9, 1.1, 1.0, 0.8]}):
+        pipe.vae.register_to_config(**stats)
+        theirs = pipe(**embeds, num_inference_steps=4, guidance_scale=7.0, width=64, height=64,
+                      generator=torch.Generator("cpu").manual_seed(3)).images[0]
+        ours = render_embeds(pipe, embeds, seed=3, steps=4, width=64, height=64)
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    pipe.vae.register_to_config(latents_mean=None, latents_std=None)
     seen = []
     pipe.vae.decoder.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
     for model in (pipe.unet, *encoders):  # as Generator.load on CUDA; the VAE stays fp32

@@ -28,7 +28,7 @@ from .config import ConfigError, TrainConfig, save_config
 from .cpu_attention import use_cpu_training_attention
 from .data import Draw, LatentCache, latent_key, load_dataset
 from .events import EventLog, Pace
-from .generate import encode_prompt, make_pipeline, render_embeds
+from .generate import encode_prompt, make_pipeline, render_embeds, to_unet_latents
 from .lora_file import save_lora, to_diffusers, to_kohya, text_encoder_prefixes
 from .metadata import RunInfo, base_model_name, build_metadata
 from .models import default_base_model, load_base_model
@@ -383,8 +383,7 @@ def _loss(cfg, ds, draws, global_batch, rank, latents_mem, text_cache, vae, enco
 def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     # The distribution's mean, not a sample: cached and uncached training then see identical latents.
     latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return to_unet_latents(vae, latents)
 
 
 @torch.no_grad()
