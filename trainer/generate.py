@@ -9,6 +9,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -31,6 +32,27 @@ LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?(?::([-+0-9.eE]+))?>")
 
 class LoraFamilyError(ValueError):
     """A LoRA trained for another model family than the loaded base model."""
+
+
+class GenerationCancelled(Exception):
+    """The progress callback asked to stop (the user pressed Cancel); no picture is made."""
+
+
+# progress(step, total, latents) after each denoising step, latents in the UNet's space [B, C, h, w];
+# returning True cancels the generation (GenerationCancelled).
+Progress = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+def _step_callback(progress: Progress | None, steps: int):
+    """diffusers' callback_on_step_end, calling `progress` (None: no callback at all)."""
+    if progress is None:
+        return None
+
+    def on_step_end(pipe, index, timestep, kwargs):
+        if progress(index + 1, steps, kwargs["latents"]):
+            raise GenerationCancelled(f"cancelled at step {index + 1} of {steps}")
+        return kwargs
+    return on_step_end
 
 
 @dataclass
@@ -88,11 +110,12 @@ def encode_prompt(text_encoders: list, tokenizers: list, prompt: str, negative_p
 
 @torch.no_grad()
 def render_embeds(pipe, embeds: dict[str, torch.Tensor], seed: int = 0, steps: int = 20, cfg: float = 7.0,
-                  width: int = 512, height: int = 512) -> Image.Image:
+                  width: int = 512, height: int = 512, progress: Progress | None = None) -> Image.Image:
     dtype = pipe.unet.dtype
     kwargs = {k: v.to(pipe.unet.device, dtype) for k, v in embeds.items()}
     latents = pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                   generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+                   generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                   callback_on_step_end=_step_callback(progress, steps)).images
     return decode_latents(pipe, latents)
 
 
@@ -127,12 +150,12 @@ def from_unet_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
-           width: int = 512, height: int = 512, clip_skip: int = 1) -> Image.Image:
+           width: int = 512, height: int = 512, clip_skip: int = 1, progress: Progress | None = None) -> Image.Image:
     """One image from a pipeline that has its text encoders."""
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
     embeds = encode_prompt(encoders, tokenizers, prompt, negative_prompt, clip_skip)
-    return render_embeds(pipe, embeds, seed, steps, cfg, width, height)
+    return render_embeds(pipe, embeds, seed, steps, cfg, width, height, progress)
 
 
 def grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
@@ -210,7 +233,7 @@ class Generator:
 
     def generate(self, prompt: str, loras: list[LoraSpec] = (), negative_prompt: str = "", seed: int = 0,
                  steps: int = 20, cfg: float = 7.0, width: int = 0, height: int = 0, sampler: str = "euler",
-                 clip_skip: int = 1) -> Image.Image:
+                 clip_skip: int = 1, progress: Progress | None = None) -> Image.Image:
         prompt, tagged = parse_prompt_loras(prompt)
         specs = list(loras) + [LoraSpec(str(self.resolve(n)), u, t) for n, u, t in tagged]
         self.set_loras(specs)
@@ -219,7 +242,8 @@ class Generator:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra)
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        return render(self.pipe, prompt, negative_prompt, seed, steps, cfg, width or size, height or size, clip_skip)
+        return render(self.pipe, prompt, negative_prompt, seed, steps, cfg, width or size, height or size, clip_skip,
+                      progress)
 
     def sweep(self, prompt: str, lora: LoraSpec, weights=(0.0, 0.25, 0.5, 0.75, 1.0), **kwargs) -> tuple[Image.Image, list[Image.Image]]:
         """The same seed at several weights of one LoRA, side by side."""
