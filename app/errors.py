@@ -7,7 +7,9 @@ message plus a pointer to the terminal, where the full traceback is logged.
 from __future__ import annotations
 
 import functools
+import html
 import logging
+import re
 
 import gradio as gr
 
@@ -35,10 +37,21 @@ def shown_as_gr_error(fn):
         except USER_ERRORS as e:
             log.info("%s refused: %s", action, e)
             message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            raise gr.Error(message, print_exception=False) from e
+            raise gr.Error(shown_text(message), print_exception=False) from e
         except Exception as e:  # noqa: BLE001 - the page must get a message, the terminal the trace
             log.exception("%s failed", action)
-            raise gr.Error(f"{action.replace('_', ' ')} failed: {type(e).__name__}: {e}. "
-                           "The full error is in the terminal running the app; if it persists, report it "
-                           "with that text.", print_exception=False) from e
+            raise gr.Error(shown_text(f"{action.replace('_', ' ')} failed: {type(e).__name__}: {e}. "
+                                      "The full error is in the terminal running the app; if it persists, "
+                                      "report it with that text."), print_exception=False) from e
     return wrapper
+
+
+def shown_text(text: str) -> str:
+    """Text for a toast: the page renders a toast's message as HTML, so `<lora:name:1>` would vanish as a tag."""
+    return html.escape(str(text), quote=False)
+
+
+def plain_markdown(text: str) -> str:
+    """Text for a gr.Markdown output, shown as typed: no HTML tags, no emphasis from `*`/`_`, lines kept."""
+    escaped = re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", html.escape(str(text), quote=False))
+    return escaped.replace("\n", "  \n")

@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from trainer.data.captions import CaptionProblem, apply_trigger, has_trigger
+from trainer.data.captions import read_caption as engine_read_caption
 from trainer.data.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what the engine decodes
 
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -146,8 +148,14 @@ def list_images(dataset_dir: Path) -> list[Path]:
 
 
 def read_caption(image: Path) -> str:
+    """The caption as training reads it (the engine's reader: UTF-8, UTF-16, Windows-1252, Latin-1)."""
     path = caption_path(image)
-    return path.read_text(encoding="utf-8").strip() if path.exists() else ""
+    if not path.exists():
+        return ""
+    try:
+        return engine_read_caption(path)[0].strip()
+    except CaptionProblem as e:
+        raise ValueError(f"{e}: check the file's permissions") from e
 
 
 def write_caption(image: Path, text: str) -> None:
@@ -158,17 +166,17 @@ def write_caption(image: Path, text: str) -> None:
 
 
 def add_trigger_word(dataset_dir: Path, word: str) -> int:
-    """Prepend `word, ` to every caption that does not already start with it; returns how many changed."""
+    """The engine's rule (trainer.data.captions.apply_trigger, as `data.trigger_word` applies it in training):
+    `word, ` before every caption line that does not hold it already; returns how many captions changed."""
     word = word.strip().strip(",").strip()
     if not word:
         raise ValueError("the trigger word is empty: type a rare word such as `sks style` first")
     changed = 0
     for image in list_images(dataset_dir):
         caption = read_caption(image)
-        first_tag = caption.split(",")[0].strip()
-        if first_tag == word:
+        if caption and all(has_trigger(line, word) for line in caption.split("\n")):
             continue
-        write_caption(image, f"{word}, {caption}" if caption else word)
+        write_caption(image, apply_trigger(caption, word))
         changed += 1
     return changed
 

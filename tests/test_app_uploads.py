@@ -120,6 +120,29 @@ def test_caption_edits_and_bulk_actions(tmp_path):
         find_replace(ds, "", "x")
 
 
+def test_latin1_captions_and_the_trigger_word_follow_the_engine(tmp_path):
+    """A caption saved in Latin-1 shows in the editor as training reads it (it broke the whole editor), and the
+    editor's trigger word agrees with training's rule: a caption that holds it anywhere is left alone."""
+    from trainer.config import DataConfig
+    from trainer.data import load_dataset
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for name, caption in [("a.png", "café au lait, a red circle".encode("latin-1")),
+                          ("b.png", b"a photo of sks dog"), ("c.png", b"a blue square")]:
+        (ds / name).write_bytes(png_bytes())
+        (ds / name).with_suffix(".txt").write_bytes(caption)
+    assert read_caption(ds / "a.png") == "café au lait, a red circle"
+    assert add_trigger_word(ds, "sks") == 2  # b holds `sks` already (not at the front)
+    shown = {p.name: read_caption(p) for p in list_images(ds)}
+    trained = {Path(r.path).name: r.caption for r in load_dataset(DataConfig(dataset=str(ds), resolution=64), 0).images}
+    assert shown == trained  # the editor shows exactly what training will read
+    assert trained["a.png"] == "sks, café au lait, a red circle" and trained["b.png"] == "a photo of sks dog"
+    # and training, told the same trigger word, adds nothing more to any of them
+    again = load_dataset(DataConfig(dataset=str(ds), resolution=64, trigger_word="sks"), 0).images
+    assert {Path(r.path).name: r.caption for r in again} == trained
+
+
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "/abs", "C:x", "a,b"])
 def test_typed_folder_names_cannot_escape(name):
     with pytest.raises(ValueError):

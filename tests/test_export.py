@@ -166,3 +166,22 @@ def test_trigger_words_are_the_tags_most_captions_share():
     tags = {"1girl": 20, "sks": 20, "solo": 15, "smile": 6, "hat": 2}
     assert trigger_words({"ss_tag_frequency": json.dumps({"10_sks": tags})}) == ["1girl", "sks", "solo"]
     assert trigger_words({**meta, "modelspec.trigger_phrase": "zebra style"}) == ["zebra style"]
+
+
+def test_a_set_described_in_sentences_gives_its_coined_subject_word():
+    """The demo character's captions are sentences ("a red zorbo on a white background"), no trigger word: the
+    Gallery must still tell the user to type `zorbo`, the one word of them CLIP does not know."""
+    from trainer.config import DataConfig
+    from trainer.data import load_dataset
+    from trainer.lora_file import trigger_words
+
+    root = Path(__file__).resolve().parent.parent
+    ds = load_dataset(DataConfig(dataset=str(root / "datasets" / "demo-character"), resolution=64), 0)
+    captions = [r.caption for r in ds.images]
+    assert all("zorbo" in c for c in captions) and len(set(captions)) == len(captions)  # the premise
+    meta = {"ss_tag_frequency": json.dumps(ds.tag_frequency), "ss_dataset_dirs": json.dumps(ds.dataset_dirs)}
+    assert trigger_words(meta) == ["zorbo"]
+    # a coined word in under half of the captions is one picture's detail, not the subject
+    few = {"a red blorp on white": 1, "a blue cat on gray": 1, "a green cat on black": 1}
+    assert trigger_words({"ss_tag_frequency": json.dumps({"set": few}),
+                          "ss_dataset_dirs": json.dumps({"set": {"img_count": 3}})}) == []

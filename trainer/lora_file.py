@@ -168,7 +168,8 @@ def inspect_lora(path: str | Path) -> dict:
 
 def trigger_words(metadata: dict[str, str]) -> list[str]:
     """The trigger phrase when the file names one; else the tags in at least half of the training captions (a
-    trigger word is in all of them; a caption's own description is in a few), at most five, commonest first."""
+    trigger word is in all of them; a caption's own description is in a few), at most five, commonest first;
+    else, for captions written as sentences, their coined subject word (captions.coined_words)."""
     if metadata.get("modelspec.trigger_phrase"):
         return [metadata["modelspec.trigger_phrase"]]
     try:
@@ -182,4 +183,8 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
         tags.update(counts)
         known = dirs.get(folder, {}).get("img_count") if isinstance(dirs.get(folder), dict) else None
         images += known or max(counts.values(), default=0)  # without a count: the commonest tag's is a floor
-    return [t for t, n in tags.most_common() if 2 * n >= images][:5]
+    common = [t for t, n in tags.most_common() if 2 * n >= images][:5]
+    if common or not images:
+        return common
+    from .data.captions import coined_words  # the tokenizer loads on first use only
+    return coined_words(tags, images)[:3]

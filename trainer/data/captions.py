@@ -135,6 +135,18 @@ def count_tags(captions: Iterable[str]) -> Counter:
     return counts
 
 
+def coined_words(tag_counts: Counter, captions: int) -> list[str]:
+    """Words in at least half of the captions that CLIP's vocabulary does not hold as one word ("zorbo" is
+    'zor' + 'bo'; "red" and "background" are words it knows): what a set described in sentences, without a
+    trigger word, calls its new subject, commonest first."""
+    words: Counter = Counter()
+    for tag, n in tag_counts.items():
+        for word in dict.fromkeys(re.findall(r"[^\W\d_][\w'-]*", tag.lower())):
+            words[word] += n
+    vocab = clip_tokenizer().get_vocab()
+    return [w for w, n in words.most_common() if 2 * min(n, captions) >= captions and f"{w}</w>" not in vocab]
+
+
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer():
     """The real CLIP BPE tokenizer shipped in trainer/tokenizer (loaded on first use; transformers is heavy)."""
