@@ -24,6 +24,10 @@ from app.folders import PROJECT_ROOT
 TERMINAL_EVENTS = ("done", "stopped", "error")
 
 
+class Busy(UserError):
+    """Another training is running (the queue waits on this one; other refusals are final)."""
+
+
 def trainer_command(config_path: Path, resume: bool) -> list[str]:
     """The same command a user would type; the UI adds nothing the CLI does not have."""
     return [sys.executable, "-m", "trainer", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
@@ -48,6 +52,7 @@ class RunView:
     lora_path: str | None = None
     message: str = ""  # the error, or why the process ended without saying so
     ended: str | None = None  # done | stopped | error: how the latest attempt ended (None while it runs)
+    stepped: bool = False  # the latest attempt has made a step (until then a resumed run's old ETA is stale)
 
     @property
     def name(self) -> str:
@@ -58,7 +63,7 @@ class RunView:
         if kind in TERMINAL_EVENTS:
             self.ended = kind
         if kind == "start":
-            self.ended = None
+            self.ended, self.stepped, self.it_s, self.eta_s = None, False, None, None
             self.total = ev.get("total_steps", self.total)
             resumed = ev.get("resumed_from")
             if resumed:  # steps after the checkpoint are trained again: drop their old losses
@@ -71,6 +76,7 @@ class RunView:
         elif kind == "step":
             self.step, self.total = ev["step"], ev.get("total", self.total)
             self.epoch, self.lr, self.it_s, self.eta_s = ev.get("epoch", 0), ev.get("lr"), ev.get("it_s"), ev.get("eta_s")
+            self.stepped = True
             if ev.get("loss") is not None:
                 self.loss.append((ev["step"], float(ev["loss"])))
         elif kind == "sample":
@@ -170,18 +176,21 @@ class Jobs:
         if running is not None:
             view = self.view(running)
             progress = f"step {view.step}/{view.total}" if view.total else "starting"
-            raise UserError(f"Training '{running.name}' is running ({progress}). "
+            raise Busy(f"Training '{running.name}' is running ({progress}). "
                             "Only one training runs at a time: wait for it to finish, or press Stop first.")
+
+    def refuse_existing(self, run_dir: Path) -> None:
+        """A new training must not wipe a run that has checkpoints (an attempt that failed early may go)."""
+        if any(ev.get("event") in ("checkpoint", "saved", "done") for ev in read_events(run_dir)):
+            raise UserError(f"A run named '{run_dir.name}' already exists with checkpoints. Press Resume to "
+                            "continue it, or choose another LoRA name for a new training.")
 
     def start(self, run_dir: Path, config_text: str) -> None:
         """A fresh run in run_dir with this config (TOML text); refused while another training runs."""
         run_dir = Path(run_dir)
         with self._lock:
             self.refuse_if_busy()
-            events = read_events(run_dir)
-            if any(ev.get("event") in ("checkpoint", "saved", "done") for ev in events):
-                raise UserError(f"A run named '{run_dir.name}' already exists with checkpoints. Press Resume to "
-                                "continue it, or choose another LoRA name for a new training.")
+            self.refuse_existing(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "events.jsonl").unlink(missing_ok=True)  # an earlier attempt that failed before any step
             with self._view_lock:
@@ -243,8 +252,8 @@ class Jobs:
             return dataclasses.replace(view, loss=list(view.loss), samples=list(view.samples))
 
     def _status(self, run_dir: Path, view: RunView) -> str:
-        if self.is_running(run_dir):
-            return "running" if view.total else "starting"
+        if self.is_running(run_dir):  # a resumed run is "starting" until its first new step
+            return "running" if view.stepped and view.ended is None else "starting"
         if view.ended:
             return view.ended
         if not (run_dir / "train.log").exists():
