@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
 import re
 
@@ -25,8 +26,19 @@ class UserError(ValueError):
 
 
 def shown_as_gr_error(fn):
-    """Decorator for event handlers: exceptions become gr.Error with a helpful message."""
+    """Decorator for event handlers (plain or generators): exceptions become gr.Error with a helpful message."""
     action = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "action")
+
+    if inspect.isgeneratorfunction(fn) or inspect.isgeneratorfunction(getattr(fn, "func", None)):
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):  # Gradio streams a handler only if it is a generator function itself
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted out by as_gr_error
+                raise as_gr_error(e, action) from e
+        return streaming
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,16 +46,21 @@ def shown_as_gr_error(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except USER_ERRORS as e:
-            log.info("%s refused: %s", action, e)
-            message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            raise gr.Error(shown_text(message), print_exception=False) from e
-        except Exception as e:  # noqa: BLE001 - the page must get a message, the terminal the trace
-            log.exception("%s failed", action)
-            raise gr.Error(shown_text(f"{action.replace('_', ' ')} failed: {type(e).__name__}: {e}. "
-                                      "The full error is in the terminal running the app; if it persists, "
-                                      "report it with that text."), print_exception=False) from e
+        except Exception as e:  # noqa: BLE001 - sorted out by as_gr_error
+            raise as_gr_error(e, action) from e
     return wrapper
+
+
+def as_gr_error(e: Exception, action: str) -> gr.Error:
+    """The page's message for an exception: the user's to fix as it is, anything else with where to look."""
+    if isinstance(e, USER_ERRORS):
+        log.info("%s refused: %s", action, e)
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        return gr.Error(shown_text(message), print_exception=False)
+    log.error("%s failed", action, exc_info=e)
+    return gr.Error(shown_text(f"{action.replace('_', ' ')} failed: {type(e).__name__}: {e}. The full error is in "
+                               "the terminal running the app; if it persists, report it with that text."),
+                    print_exception=False)
 
 
 def shown_text(text: str) -> str:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
+from app.live_generation import LiveGeneration, progress_html
 from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
 from trainer.lora_file import LoraFileError, inspect_lora
 
@@ -149,8 +150,17 @@ def _common(steps, cfg, width, height, seed, sampler) -> dict:
                 sampler=sampler)
 
 
-def generate(folders: Folders, gen: Generator, base, prompt, negative, seed, steps, cfg, width, height, sampler,
-             *slots):
+def _watch(live: LiveGeneration, base: str, work, total: int, what: str):
+    """(picture or gr.skip(), progress bar) while `work` runs, then the final Progress."""
+    shown = None
+    for p in live.run(base, work, total):
+        new = p.preview is not None and p.preview is not shown
+        shown = p.preview if new else shown
+        yield (p.preview if new else gr.skip()), progress_html(p, what), p
+
+
+def generate(folders: Folders, live: LiveGeneration, base, prompt, negative, seed, steps, cfg, width, height,
+             sampler, *slots):
     if not base:
         raise UserError("pick a base model first")
     specs = []
@@ -158,13 +168,22 @@ def generate(folders: Folders, gen: Generator, base, prompt, negative, seed, ste
         path, unet_w, te_w = slots[3 * i: 3 * i + 3]
         if path:
             specs.append(LoraSpec(path, float(unet_w), float(te_w)))
-    _refuse_doubles(gen, prompt or "", specs)
-    t0 = time.time()
-    gen.load(base)
-    image = gen.generate(prompt or "", specs, negative or "", **_common(steps, cfg, width, height, seed, sampler))
-    took = time.time() - t0
-    return _save(folders, image, "gen"), (f"Generated in {took:.1f} s with {len(specs)} LoRA(s) from the pickers. "
-                                           f"Base model loads so far: {gen.loads}.")
+    _refuse_doubles(live.gen, prompt or "", specs)
+    common = _common(steps, cfg, width, height, seed, sampler)
+    tagged = len(parse_prompt_loras(prompt or "")[1])
+    loads = live.gen.loads
+    work = lambda progress: live.gen.generate(prompt or "", specs, negative or "", progress=progress, **common)  # noqa: E731
+    for picture, bar, p in _watch(live, base, work, common["steps"], "picture"):
+        yield picture, bar, gr.skip()
+    if p.error is not None:
+        raise p.error
+    if p.phase == "cancelled":
+        yield gr.skip(), bar, f"Cancelled at step {p.step} of {p.total}: no picture was saved."
+        return
+    loaded = " (the base model was loaded first)" if live.gen.loads > loads else ""
+    yield (_save(folders, p.result, "gen"), bar,
+           f"Generated in {time.time() - p.started:.1f} s{loaded} with {len(specs) + tagged} LoRA(s): "
+           f"{len(specs)} from the pickers, {tagged} from the prompt. Base model loads so far: {live.gen.loads}.")
 
 
 def _refuse_doubles(gen: Generator, prompt: str, specs: list[LoraSpec]) -> None:
@@ -186,17 +205,24 @@ def parse_weights(text: str) -> list[float]:
     return weights
 
 
-def sweep(folders: Folders, gen: Generator, base, lora, weights_text, prompt, negative, seed, steps, cfg, width,
-          height, sampler):
+def sweep(folders: Folders, live: LiveGeneration, base, lora, weights_text, prompt, negative, seed, steps, cfg,
+          width, height, sampler):
     if not base:
         raise UserError("pick a base model first")
     if not lora:
         raise UserError("pick the LoRA to sweep")
     weights = parse_weights(weights_text)
-    gen.load(base)
-    grid, _ = gen.sweep(prompt or "", LoraSpec(lora, 1.0, None), weights, negative_prompt=negative or "",
-                        **_common(steps, cfg, width, height, seed, sampler))
-    return _save(folders, grid, "sweep")
+    common = _common(steps, cfg, width, height, seed, sampler)
+    work = lambda progress: live.gen.sweep(prompt or "", LoraSpec(lora, 1.0, None), weights,  # noqa: E731
+                                           negative_prompt=negative or "", progress=progress, **common)[0]
+    for picture, bar, p in _watch(live, base, work, common["steps"] * len(weights), f"{len(weights)} pictures"):
+        yield picture, bar
+    if p.error is not None:
+        raise p.error
+    if p.phase == "cancelled":
+        yield gr.skip(), bar
+        return
+    yield _save(folders, p.result, "sweep"), bar
 
 
 # ---- layout and wiring ------------------------------------------------------------------------------------
@@ -204,6 +230,7 @@ def sweep(folders: Folders, gen: Generator, base, lora, weights_text, prompt, ne
 def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Generator) -> None:
     """The Gallery tab's components and events (call inside `with demo:` and `with tab:`)."""
     index = LoraIndex(folders)
+    live = LiveGeneration(gen)
     bases = folders.base_models()
     with gr.Row():
         with gr.Column(scale=3):
@@ -243,8 +270,11 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
         width = gr.Number(0, label="Width", info="0 = the model's size", precision=0, step=64)
         height = gr.Number(0, label="Height", info="0 = the model's size", precision=0, step=64)
         sampler = gr.Dropdown(list(SAMPLERS), value="euler", label="Sampler", elem_id="gen-sampler")
-    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-    gen_info = gr.Markdown(elem_id="gen-info")
+    with gr.Row():
+        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-generate", scale=1)
+    gen_progress = gr.HTML(elem_id="gen-progress")
+    gen_info = gr.Textbox(show_label=False, interactive=False, container=False, elem_id="gen-info")
     image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="gen-image", height=420)
 
     with gr.Accordion("Weight sweep: one LoRA at several weights, same seed", open=False):
@@ -252,6 +282,8 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
             sweep_lora = gr.Dropdown([], label="LoRA", elem_id="sweep-lora")
             weights = gr.Textbox("0, 0.25, 0.5, 0.75, 1", label="Weights", elem_id="sweep-weights")
             sweep_btn = gr.Button("Sweep", elem_id="sweep")
+            sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-sweep")
+        sweep_progress = gr.HTML(elem_id="sweep-progress")
         sweep_image = gr.Image(label="Sweep", type="filepath", interactive=False, elem_id="sweep-image")
 
     # ---- wiring ----
@@ -274,8 +306,11 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
                   [slots[3 * i] for i in range(SLOTS)])
     common = [prompt, negative, seed, steps, cfg, width, height, sampler]
     # The line under the button is cleared first: after a refusal it must not describe the previous picture.
-    generate_btn.click(lambda: "", None, gen_info, show_progress="hidden").then(
-        shown_as_gr_error(functools.partial(generate, folders, gen)), [base, *common, *slots], [image, gen_info],
-        concurrency_id="generate", concurrency_limit=1)
-    sweep_btn.click(shown_as_gr_error(functools.partial(sweep, folders, gen)), [base, sweep_lora, weights, *common],
-                    sweep_image, concurrency_id="generate", concurrency_limit=1)
+    generate_btn.click(lambda: ("", ""), None, [gen_info, gen_progress], show_progress="hidden").then(
+        shown_as_gr_error(functools.partial(generate, folders, live)), [base, *common, *slots],
+        [image, gen_progress, gen_info], concurrency_id="generate", concurrency_limit=1, show_progress="hidden")
+    sweep_btn.click(shown_as_gr_error(functools.partial(sweep, folders, live)), [base, sweep_lora, weights, *common],
+                    [sweep_image, sweep_progress], concurrency_id="generate", concurrency_limit=1,
+                    show_progress="hidden")
+    for button in (cancel_btn, sweep_cancel):  # not in the "generate" group: it must run while one generates
+        button.click(live.cancel, None, None, show_progress="hidden")

@@ -3,6 +3,8 @@ pickers and from A1111's <lora:name:w> prompt syntax (the same pixels either way
 and a family mismatch shown as a message naming both families."""
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import tiny_models
 from app import gallery_tab as g
 from app.errors import shown_as_gr_error
 from app.folders import Folders
+from app.live_generation import LiveGeneration
 from trainer.config import TrainConfig
 from trainer.generate import Generator
 from trainer.lora_file import save_lora, text_encoder_prefixes, to_kohya
@@ -49,7 +52,7 @@ def world(tmp_path_factory):
                 metadata={"modelspec.trigger_phrase": "sks style", "ss_training_finished_at": "1700000000"})
     random_lora(folders.lora_dir / "chars" / "hero.safetensors", seed=2)
     Image.new("RGB", (16, 16), (255, 0, 0)).save(folders.lora_dir / "style.preview.png")
-    return folders, str(base), Generator(lora_dirs=[folders.lora_dir])
+    return folders, str(base), LiveGeneration(Generator(lora_dirs=[folders.lora_dir]))
 
 
 def pixels(path) -> np.ndarray:
@@ -65,8 +68,9 @@ def slots(*specs):
 def run(world, prompt, *specs):
     folders, base, gen = world
     c = COMMON
-    path, info = g.generate(folders, gen, base, prompt, c["negative"], c["seed"], c["steps"], c["cfg"], c["width"],
-                            c["height"], c["sampler"], *slots(*specs))
+    *_, (path, bar, info) = g.generate(folders, gen, base, prompt, c["negative"], c["seed"], c["steps"], c["cfg"],
+                                       c["width"], c["height"], c["sampler"], *slots(*specs))
+    assert 'data-phase="done"' in bar
     return pixels(path), info
 
 
@@ -102,20 +106,23 @@ def test_prompt_tags_and_pickers_stack_the_same_loras(world, plain):
     assert "2 LoRA(s)" in info
     # A1111: <lora:name:w> is one weight for both parts; <lora:name:te:unet> gives them separately.
     # One from the prompt, one from a picker: the same mix as both from the pickers.
-    mixed, _ = run(world, "a red circle <lora:chars/hero:0.3:-0.5>", (style, 0.8, 0.8))
+    mixed, info = run(world, "a red circle <lora:chars/hero:0.3:-0.5>", (style, 0.8, 0.8))
+    assert "2 LoRA(s): 1 from the pickers, 1 from the prompt" in info  # was "0 LoRA(s)" for prompt tags
     assert np.abs(picked - plain).mean() > 1.0, "the LoRAs change the picture"
     assert np.array_equal(mixed, picked)
     again, info = run(world, "a red circle")
     assert np.array_equal(again, plain), "dropping the LoRAs gives the base model's picture back"
-    assert gen.loads == 1 and "Base model loads so far: 1" in info
+    assert gen.gen.loads == 1 and "Base model loads so far: 1" in info
 
 
 def test_the_sweep_grid_holds_the_single_generations(world, plain):
     folders, base, gen = world
     style = str(folders.lora_dir / "style.safetensors")
     c = COMMON
-    grid = pixels(g.sweep(folders, gen, base, style, "0, 1", "a red circle", c["negative"], c["seed"], c["steps"],
-                          c["cfg"], c["width"], c["height"], c["sampler"]))
+    *_, (path, bar) = g.sweep(folders, gen, base, style, "0, 1", "a red circle", c["negative"], c["seed"], c["steps"],
+                              c["cfg"], c["width"], c["height"], c["sampler"])
+    assert f'data-step="{2 * c["steps"]}" data-total="{2 * c["steps"]}"' in bar  # steps counted across pictures
+    grid = pixels(path)
     zero = plain
     one, _ = run(world, "a red circle <lora:style:1>")
     h, w, _ = zero.shape
@@ -155,3 +162,28 @@ def test_add_to_mix_fills_the_first_free_slot(world):
         g.add_to_mix("/e", "/a", "/b", "/c", "/d")
     with pytest.raises(ValueError, match="select a LoRA"):
         g.add_to_mix("", "", "", "", "")
+
+
+def test_cancel_stops_a_generation_in_progress_and_previews_come_meanwhile(world):
+    folders, base, live = world
+    slow = []
+
+    def work(progress):  # the real engine, slowed down per step so that Cancel lands in the middle
+        def each(step, total, latents):
+            time.sleep(0.05)
+            slow.append(step)
+            return progress(step, total, latents)
+        return live.gen.generate("a red circle", [], steps=40, cfg=5.0, progress=each)
+
+    snapshots = []
+    for p in live.run(base, work, total=40):
+        snapshots.append((p.phase, p.step, p.preview))
+        if p.step >= 3:
+            live.cancel()
+    assert p.phase == "cancelled" and p.result is None and p.step < 40 and slow[-1] == p.step
+    assert 'data-phase="cancelled"' in g.progress_html(p) and f"Cancelled at step {p.step} of 40" in g.progress_html(p)
+    previews = [pv for _, _, pv in snapshots if pv is not None]
+    assert previews and previews[-1].size == (256, 256)
+    # the next generation is not cancelled by the old flag
+    *_, last = live.run(base, lambda cb: live.gen.generate("a red circle", [], steps=2, cfg=5.0, progress=cb), 2)
+    assert last.phase == "done" and last.result is not None
