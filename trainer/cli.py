@@ -1,4 +1,4 @@
-"""`python -m trainer train | generate | inspect | dataset` — the contract the UI, users and tests share.
+"""`python -m trainer train | generate | inspect | dataset | export` — the contract the UI, users and tests share.
 
 A small surface on purpose: the command line sets the few things people change per run; everything else
 lives in presets and config files (an argparse flag for everything becomes a widget for everything).
@@ -100,14 +100,24 @@ def cmd_inspect(args) -> int:
     info = inspect_lora(args.file)
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return 1 if info["non_finite"] else 0
     print(f"{info['path']}\n  format: {info['format']}\n  family: {info['family']}\n  rank: {info['rank']}"
           f"  alpha: {info['alpha']}  dtype: {info['dtype']}\n  modules: {info['modules']}  tensors: {info['tensors']}")
     if info["trigger_words"]:
         print(f"  trigger words: {', '.join(info['trigger_words'])}")
+    if info.get("non_finite"):
+        print(f"  NOT USABLE: {len(info['non_finite'])} tensors hold NaN or inf values, e.g. {info['non_finite'][0]} "
+              "(the run diverged; export an earlier checkpoint)")
     for key, value in sorted(info["metadata"].items()):
         text = value if len(value) < 120 else value[:117] + "..."
         print(f"  {key}: {text}")
+    return 1 if info.get("non_finite") else 0
+
+
+def cmd_export(args) -> int:
+    from .export_run import export_run
+
+    print(f"saved {export_run(args.run_dir, args.out, args.step)}")
     return 0
 
 
@@ -142,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds another run's checkpoints (they are deleted)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate an image, optionally with LoRAs stacked")
@@ -169,6 +181,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--resolution", type=int, default=512)
     d.add_argument("--trigger-word")
     d.set_defaults(func=cmd_dataset)
+
+    e = sub.add_parser("export", help="write a LoRA file from a run's checkpoint (the newest, or --step N)")
+    e.add_argument("run_dir", help="the run folder, e.g. runs/my-style")
+    e.add_argument("--step", type=int, help="the checkpoint's step (default: the newest complete one)")
+    e.add_argument("--out", required=True, help="the LoRA file to write, e.g. models/Lora/my-style.safetensors")
+    e.set_defaults(func=cmd_export)
     return p
 
 
@@ -178,5 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # User-input errors: one clear line, no stack trace. Bugs still raise with their trace.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk or the system refused (full, read-only, permissions): not a bug of ours
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # generate / inspect / dataset: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -6,6 +6,7 @@ overrides. An unknown key or a value of the wrong kind is a ConfigError that nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,9 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0  # 5.0 is the paper's value; 0 disables
     noise_offset: float = 0.0  # 0.05-0.1 helps very dark/bright images
     cache_text_encoder_outputs: str = "auto"  # auto | off: auto = cached when the text encoder is frozen and captions are fixed
+    # A step whose loss or gradients are NaN/inf is skipped (weights untouched); this many in a row stop the run
+    # with the last finite checkpoint kept (too high a learning rate or fp16 overflow, usually).
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -116,6 +120,9 @@ class OutputConfig:
     run_dir: str = ""  # checkpoints, samples, events.jsonl; "" = runs/<name>
     save_every_n_steps: int = 0
     save_every_n_epochs: int = 0
+    # A checkpoint at least this often by the clock as well, so a crash or full disk never costs more than this
+    # much training, however long the steps are. 0 = off.
+    save_every_n_minutes: float = 10.0
     save_precision: str = "fp16"  # fp16 | fp32 for lora_up/lora_down (alpha is always fp32)
     format: str = "kohya"  # kohya | diffusers (diffusers-format files do not load in A1111/ComfyUI)
     comment: str = ""  # written as ss_training_comment
@@ -193,6 +200,8 @@ RANGES: dict[str, tuple[float, float | None, bool, str]] = {
     "sample.height": (0, None, False, "0 = the training resolution"),
     "output.save_every_n_steps": (0, None, False, "0 = only at the end"),
     "output.save_every_n_epochs": (0, None, False, "0 = only at the end"),
+    "output.save_every_n_minutes": (0, None, False, "0 = no clock-based checkpoints; 10 is the default"),
+    "training.max_nonfinite_steps": (1, None, False, "5 is the default"),
 }
 
 
@@ -205,6 +214,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"`{key}` must be a finite number, got {value!r}")
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"`{key}` must be true or false, got {value!r}")
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -271,11 +282,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if o.optimizer == "prodigy" and {o.unet_lr or o.learning_rate, o.text_encoder_lr or o.learning_rate} != {o.learning_rate}:
         raise ConfigError("Prodigy adapts one step size for all parameters: leave `optimizer.unet_lr` and "
                           "`optimizer.text_encoder_lr` at 0 and set `optimizer.learning_rate` (1.0 is the norm)")
-    bad = [c for c in ":,/\\" if c in cfg.output.name]
-    if not cfg.output.name or bad:
-        raise ConfigError(f"`output.name` = {cfg.output.name!r} must be a non-empty file stem without {' '.join(bad or [':', ','])} "
-                          "(A1111's <lora:name:weight> syntax splits on ':' and ',')")
+    check_name(cfg.output.name)
+    for side in ("width", "height"):
+        if getattr(cfg.sample, side) % 8:
+            raise ConfigError(f"`sample.{side}` = {getattr(cfg.sample, side)} must be a multiple of 8 (the VAE "
+                              "works in 8-pixel cells), or 0 for the training resolution")
     return cfg
+
+
+def check_name(name: str) -> None:
+    """A LoRA / run name is a plain file stem: it becomes both a file name and a folder name."""
+    bad = [c for c in ':,/\\' if c in name]
+    if not name or bad:
+        raise ConfigError(f"`output.name` = {name!r} must be a non-empty file stem without {' '.join(bad or [':', ','])} "
+                          "(A1111's <lora:name:weight> syntax splits on ':' and ',')")
+    if name.strip(". ") == "" or name != name.strip() or name.startswith(".") or len(name) > 120 \
+            or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"`output.name` = {name!r} must be a plain file name: letters, digits, '-', '_' or "
+                          "spaces, not starting with '.' and at most 120 characters, e.g. 'my-style'")
 
 
 def preset_path(name: str) -> Path:

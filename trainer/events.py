@@ -6,6 +6,7 @@ Event kinds and fields: docs/architecture.md.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,11 +19,22 @@ class EventLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, event: str, **fields) -> dict:
-        record = {"t": round(time.time(), 3), "event": event, **fields}
+        record = _finite({"t": round(time.time(), 3), "event": event, **fields})
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=str) + "\n")
+                f.write(json.dumps(record, default=str, allow_nan=False) + "\n")
         return record
+
+
+def _finite(value):
+    """NaN and ±inf become null: JSON has no such numbers, and the UI's parser refuses Python's bare `NaN`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class Pace:

@@ -6,6 +6,7 @@ set_adapters, W' = W0 + Σ w_i · (alpha_i / r_i) · up_i @ down_i, as A1111 and
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image, ImageDraw
 
 from .conditioning import encode_text
-from .lora_file import LoraFileError, detect_family, read_lora
+from .lora_file import LoraFileError, detect_family, non_finite_keys, read_lora
 from .memory import keep_freed_memory
 
 SAMPLERS = {
@@ -211,13 +212,28 @@ class Generator:
             path = str(Path(spec.path).resolve())
             if path not in self._adapters:
                 tensors, metadata = read_lora(path)
+                if non_finite_keys(tensors):  # NaN weights draw a black picture without any error
+                    raise LoraFileError(f"{Path(path).name} holds NaN or inf weights (its training diverged); "
+                                        "export an earlier checkpoint of its run instead")
                 family = detect_family(tensors, metadata)
                 if family != "unknown" and family != base_kind(self.family.name):
                     raise LoraFamilyError(
                         f"{Path(path).name} is a {family} LoRA but the base model {self.base_path.name} is "
                         f"{self.family.name}: pick a {family} base model, or a LoRA trained for {self.family.name}")
                 name = "l" + hashlib.sha1(path.encode()).hexdigest()[:10]
-                self.pipe.load_lora_weights(tensors, adapter_name=name)
+                peft_log = logging.getLogger("diffusers.loaders.peft")  # it logs the whole report before raising
+                level = peft_log.level
+                peft_log.setLevel(logging.CRITICAL)
+                try:
+                    self.pipe.load_lora_weights(tensors, adapter_name=name)
+                except RuntimeError as e:  # torch's size-mismatch report: dozens of lines, a traceback
+                    if "size mismatch" not in str(e):
+                        raise
+                    raise LoraFileError(f"{Path(path).name} does not fit the base model {self.base_path.name}: its "
+                                        f"layer sizes differ (trained on another {family} model); pick the base it "
+                                        "was trained on") from None
+                finally:
+                    peft_log.setLevel(level)
                 self._adapters[path] = name
             unet_w, te_w = spec.weights()
             names.append(self._adapters[path])

@@ -163,7 +163,13 @@ def inspect_lora(path: str | Path) -> dict:
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
         "metadata": metadata,
         "trigger_words": trigger_words(metadata),
+        "non_finite": non_finite_keys(tensors),
     }
+
+
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of tensors holding NaN or ±inf: a diverged run's file, which would draw black pictures."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def trigger_words(metadata: dict[str, str]) -> list[str]:

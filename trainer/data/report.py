@@ -8,6 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+LINE_LIMIT = 300  # a 10,000-word caption made a 60,000-character "Top tags" line
+
+
+def cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 
 @dataclass
 class FolderSummary:
@@ -71,9 +77,9 @@ class DatasetReport:
             out.append("Warnings:")
             out += [f"  {w}" for w in self.warnings]
         if self.top_tags:
-            out.append("Top tags: " + ", ".join(f"{tag} ({n})" for tag, n in self.top_tags))
+            out.append("Top tags: " + ", ".join(f"{cap(tag, 40)} ({n})" for tag, n in self.top_tags))
         out.append("Usable: yes" if self.usable else f"NOT USABLE: {self.reason}")
-        return out
+        return [cap(line, LINE_LIMIT) for line in out]
 
     def to_dict(self) -> dict:
         return {

@@ -1,0 +1,92 @@
+"""`python -m trainer export RUN_DIR [--step N] --out FILE`: a LoRA file from a run's checkpoint.
+
+The way back when a run's own export failed (a full or read-only output folder) or a user wants an earlier step:
+the checkpoint holds the fp32 weights and, since checkpoints carry it, what the run knew for the file's metadata.
+A checkpoint whose weights are not finite is refused, never exported.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
+from .config import ConfigError, TrainConfig, load_config
+from .locks import output_lock
+
+
+class ExportError(ConfigError):
+    """The run or checkpoint cannot be exported; the message names it and the fix."""
+
+
+def non_finite(lora: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding NaN or ±inf."""
+    return [f"{part}:{key}" for part, tensors in lora.items() for key, t in tensors.items()
+            if not bool(torch.isfinite(t).all())]
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ExportError(f"{run_dir} is not a run folder (it has no config.toml); pass the folder a training wrote "
+                          "into, e.g. runs/my-style")
+    if step is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise ExportError(f"{run_dir} has no complete checkpoint to export (checkpoints/ is empty)")
+        return found
+    found = checkpoint_dir(run_dir, step)
+    if not (found / "state.pt").is_file():
+        steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*[0-9]")
+                       if (p / "state.pt").is_file())
+        raise ExportError(f"{run_dir} has no checkpoint at step {step}; its checkpoints are at steps "
+                          f"{', '.join(map(str, steps)) or '(none)'}")
+    return found
+
+
+def run_info(cfg: TrainConfig, state: dict):
+    """The RunInfo a checkpoint stored; for older checkpoints, what the config and the base model still tell."""
+    from .families import detect_family
+    from .metadata import RunInfo, base_model_name
+    from .models import default_base_model
+
+    if isinstance(state.get("run_info"), dict):
+        known = {f.name for f in dataclasses.fields(RunInfo)}
+        return RunInfo(**{k: v for k, v in state["run_info"].items() if k in known})
+    base = Path(cfg.model.base_model) if cfg.model.base_model else default_base_model()
+    family = detect_family(base)
+    return RunInfo(family.base_model_version, family.architecture, family.prediction_type, base_model_name(base),
+                   int(state.get("step", 0)), int(state.get("epoch", 0)), 0, 0.0,
+                   cfg.training.mixed_precision, cfg.optimizer.optimizer)
+
+
+def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    from .loop import _export
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.suffix != ".safetensors":
+        raise ExportError(f"--out {out}: the LoRA file must end in .safetensors")
+    ckpt = find_checkpoint(run_dir, step)
+    cfg = load_config(run_dir / "config.toml")
+    lora, state = load_checkpoint(ckpt)
+    bad = non_finite(lora)
+    if bad:
+        raise ExportError(f"the checkpoint {ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                          "export an earlier step with --step")
+    info = run_info(cfg, state)
+    info.steps = int(state.get("step", info.steps))
+    is_sdxl = info.family_version.startswith("sdxl")
+    with output_lock(out):
+        return _export(cfg, lora, out, info, _Family(is_sdxl))
+
+
+@dataclasses.dataclass
+class _Family:  # the one thing the export needs to know of the family: how many text encoders it has
+    is_sdxl: bool
+
+
+def export_hint(run_dir: Path, out: Path) -> str:
+    """The command that exports a run's newest checkpoint again, for messages."""
+    return f"python -m trainer export {run_dir} --out {out}"
+
