@@ -1,4 +1,5 @@
-"""`python -m trainer train | generate | inspect | dataset | export` — the contract the UI, users and tests share.
+"""`python -m trainer train | generate | inspect | dataset | export | resize | merge | bake | extract` — the contract
+the UI, users and tests share.
 
 A small surface on purpose: the command line sets the few things people change per run; everything else
 lives in presets and config files (an argparse flag for everything becomes a widget for everything).
@@ -128,6 +129,72 @@ def cmd_dataset(args) -> int:
                                trigger_word=args.trigger_word or "")
 
 
+def _report(result) -> int:
+    print("\n".join(result.lines))
+    return 0
+
+
+def cmd_resize(args) -> int:
+    from .tools import RankRule, parse_dynamic, resize
+
+    rule = parse_dynamic(args.dynamic, args.rank) if args.dynamic else RankRule(args.rank)
+    return _report(resize(args.file, args.out, rule, overwrite=args.overwrite))
+
+
+def cmd_merge(args) -> int:
+    from .tools import merge, parse_weighted
+
+    return _report(merge([parse_weighted(f) for f in args.files], args.out, rank=args.rank, overwrite=args.overwrite))
+
+
+def cmd_bake(args) -> int:
+    from .tools import bake, parse_weighted
+
+    return _report(bake(args.base_model, [parse_weighted(f) for f in args.lora], args.out, overwrite=args.overwrite))
+
+
+def cmd_extract(args) -> int:
+    import torch
+
+    from .tools import extract
+
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.save_precision]
+    return _report(extract(args.base_model, args.tuned, args.out, args.rank, overwrite=args.overwrite, dtype=dtype))
+
+
+def _tool_parsers(sub) -> None:
+    r = sub.add_parser("resize", help="a LoRA at a smaller or per-module (dynamic) rank, by SVD")
+    r.add_argument("file")
+    r.add_argument("--rank", type=int, help="the new rank (with --dynamic: the largest allowed)")
+    r.add_argument("--dynamic", help="sv_ratio:X | sv_fro:X | sv_cumulative:X, per module (kohya resize_lora.py)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    r.set_defaults(func=cmd_resize)
+
+    m = sub.add_parser("merge", help="several LoRAs (any format we read) into one plain kohya LoRA; one file: convert")
+    m.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
+    m.add_argument("--rank", type=int, help="SVD to this rank (default: exact, the ranks concatenated)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=cmd_merge)
+
+    b = sub.add_parser("bake", help="a new base model with a LoRA mix merged into its weights")
+    b.add_argument("--base-model", required=True, help="diffusers folder or .safetensors/.ckpt checkpoint")
+    b.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]", help="repeat to bake a mix")
+    b.add_argument("--out", required=True, help="OUT.safetensors (same layout as a single-file base) or a folder")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.set_defaults(func=cmd_bake)
+
+    e = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints of one family")
+    e.add_argument("--base-model", required=True)
+    e.add_argument("--tuned", required=True, help="the fine-tuned checkpoint")
+    e.add_argument("--rank", type=int, required=True)
+    e.add_argument("--save-precision", choices=("fp16", "fp32"), default="fp16")
+    e.add_argument("--out", required=True)
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=cmd_extract)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Studio training engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="the checkpoint's step (default: the newest complete one)")
     e.add_argument("--out", required=True, help="the LoRA file to write, e.g. models/Lora/my-style.safetensors")
     e.set_defaults(func=cmd_export)
+    _tool_parsers(sub)
     return p
 
 

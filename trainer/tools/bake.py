@@ -1,0 +1,154 @@
+"""`python -m trainer bake`: a new base model with a LoRA mix merged into its weights, W' = W + Σ w_i · ΔW_i.
+
+Two outputs:
+- a single .safetensors file in the same layout as a single-file base (same keys, shapes and dtypes; only the
+  patched tensors differ), which our loader, diffusers' from_single_file, A1111 and ComfyUI read;
+- otherwise a diffusers folder, its weights stored in the base's precision.
+Each patched weight gets Σ w·ΔW computed in float32 and is rounded once to its own dtype. The output appears only
+when complete: written under a temporary name in the same folder, then renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer.families import detect_family, resolve_path
+from trainer.weights import read_cast
+
+from .ldm_layout import unet_config, weight_views
+from .output import Progress, ToolError, ToolResult, check_output
+from .source import LoraDeltas, bind, load_deltas
+
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+
+
+def _summed(loras: list[tuple[LoraDeltas, float]]) -> dict[tuple[str, str], torch.Tensor]:
+    total: dict[tuple[str, str], torch.Tensor] = {}
+    for lora, w in loras:
+        for d in lora.deltas:
+            key = (d.part, d.module)
+            total[key] = total.get(key, 0) + w * d.delta()
+    return total
+
+
+def _check_family(loras: list[LoraDeltas], arch: str, base: Path) -> None:
+    for lora in loras:
+        if lora.family not in ("unknown", arch):
+            raise ToolError(f"{lora.path.name} is a {lora.family} LoRA but the base model {base.name} is {arch}: "
+                            f"bake it into a {lora.family} base model")
+
+
+def _patch(weight: torch.Tensor, delta: torch.Tensor, where: str) -> None:
+    if weight.numel() != delta.numel():
+        raise ToolError(f"{where}: the LoRA's delta has shape {tuple(delta.shape)} but the base weight is "
+                        f"{tuple(weight.shape)}: the LoRA was made for another model")
+    weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))  # one rounding
+
+
+def _atomic_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; an existing one (overwrite asked) is set aside first, then removed."""
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def bake_single_file(base: Path, loras: list[tuple[LoraDeltas, float]], out: Path, config_dir: Path | None,
+                     progress: Progress | None) -> list[str]:
+    from safetensors.torch import save_file
+
+    fam = detect_family(base)
+    _check_family([lora for lora, _ in loras], fam.arch, base)
+    state, metadata = read_cast(base, None)  # ordinary memory, writable: patched in place
+    views = weight_views(state, fam.arch, unet_config(config_dir or MODEL_CONFIGS_DIR / fam.name))
+    for lora, _ in loras:
+        bind(lora, {part: set(v) for part, v in views.items()})
+    deltas = _summed(loras)
+    for i, ((part, module), delta) in enumerate(deltas.items()):
+        _patch(views[part][module], delta, f"{base.name}: {part} {module}")
+        if progress and i % 32 == 0:
+            progress(0.2 + 0.6 * i / len(deltas), f"patching {i + 1} of {len(deltas)} weights")
+    metadata = dict(metadata)
+    metadata["lora_studio.baked"] = json.dumps([{"file": lora.path.name, "weight": w} for lora, w in loras])
+    tmp = out.with_name(f".{out.name}.tmp")
+    if progress:
+        progress(0.85, f"writing {out.name}")
+    save_file(state, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return [f"{len(deltas)} weights patched; every other tensor, key, shape and dtype as in {base.name}"]
+
+
+def _stored_dtype(base: Path) -> torch.dtype:
+    """The precision the base's UNet is stored in (fp16 files stay fp16 once baked)."""
+    from trainer.weights import DTYPES, read_header
+
+    files = [base] if base.is_file() else sorted((base / "unet").glob("*.safetensors"))
+    for f in files:
+        entries, _, _ = read_header(f)
+        for name, e in entries.items():
+            if ("diffusion_model" in name or base.is_dir()) and DTYPES.get(e["dtype"], torch.float32).is_floating_point:
+                return DTYPES[e["dtype"]]
+    return torch.float32
+
+
+def bake_folder(base: Path, loras: list[tuple[LoraDeltas, float]], out: Path, config_dir: Path | None,
+                progress: Progress | None) -> list[str]:
+    from trainer.models import load_base_model
+
+    model = load_base_model(base, config_dir=config_dir)  # float32: the sums are exact before one rounding
+    fam = model.family
+    _check_family([lora for lora, _ in loras], fam.arch, base)
+    parts = {"unet": model.unet, "text_encoder": model.text_encoders[0]}
+    if len(model.text_encoders) > 1:
+        parts["text_encoder_2"] = model.text_encoders[1]
+    for lora, _ in loras:
+        bind(lora, {p: {n for n, _ in m.named_modules()} for p, m in parts.items()})
+    deltas = _summed(loras)
+    with torch.no_grad():
+        for (part, module), delta in deltas.items():
+            _patch(parts[part].get_submodule(module).weight, delta, f"{base.name}: {part} {module}")
+    dtype = _stored_dtype(base)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    configs = base if base.is_dir() else (config_dir or MODEL_CONFIGS_DIR / fam.name)
+    if progress:
+        progress(0.6, f"writing {out.name}")
+    tmp.mkdir(parents=True)
+    shutil.copy2(configs / "model_index.json", tmp / "model_index.json")
+    shutil.copytree(configs / "scheduler", tmp / "scheduler")
+    model.unet.to(dtype).save_pretrained(tmp / "unet")
+    model.vae.to(dtype).save_pretrained(tmp / "vae")
+    for name, te, tok in zip(("text_encoder", "text_encoder_2"), model.text_encoders, model.tokenizers):
+        te.to(dtype).save_pretrained(tmp / name)
+        tok.save_pretrained(tmp / name.replace("text_encoder", "tokenizer"))
+    _atomic_dir(tmp, out)
+    return [f"{len(deltas)} weights patched; a diffusers folder in {str(dtype).removeprefix('torch.')}"]
+
+
+def bake(base_model: str | Path, loras: list[tuple[str | Path, float]], out: str | Path, overwrite: bool = False,
+         config_dir: str | Path | None = None, progress: Progress | None = None) -> ToolResult:
+    """`config_dir`: a diffusers folder whose configs describe a single-file base (tests' tiny models)."""
+    base = resolve_path(base_model)
+    if not loras:
+        raise ToolError("bake needs at least one LoRA: --lora FILE[:WEIGHT], repeatable")
+    single = str(out).lower().endswith(".safetensors")
+    if single and not (base.is_file() and base.suffix.lower() == ".safetensors"):
+        raise ToolError(f"--out {out}: a single .safetensors output keeps the layout of a single .safetensors base, "
+                        f"and {base.name} is not one; give --out a folder name (a diffusers folder is written)")
+    out = check_output(out, [base, *[p for p, _ in loras]], overwrite, suffix=".safetensors" if single else None)
+    loaded = [(load_deltas(p), float(w)) for p, w in loras]
+    config_dir = Path(config_dir) if config_dir else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        progress(0.05, f"reading {base.name}")
+    lines = (bake_single_file if single else bake_folder)(base, loaded, out, config_dir, progress)
+    mix = " + ".join(f"{lora.path.name}×{w:g}" for lora, w in loaded)
+    return ToolResult(out, [f"wrote {out}: {base.name} with {mix} merged in", *lines])
+
