@@ -48,12 +48,12 @@ def _clip_views(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 def _open_clip_views(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     views = {}
     for key, t in state.items():
-        found = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)\.weight$", key)
+        found = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)[._]weight$", key)
         if not found:
             continue
         i, rest = found.groups()
         layer = f"encoder.layers.{i}"
-        if rest == "attn.in_proj":
+        if rest == "attn.in_proj":  # `attn.in_proj_weight`: no module of its own in OpenCLIP
             width = t.shape[0] // 3
             for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
                 views[f"{layer}.self_attn.{name}"] = t[j * width:(j + 1) * width]  # row slices: views
