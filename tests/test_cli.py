@@ -30,7 +30,7 @@ def test_inspect_prints_format_family_rank_and_json(files, capsys):
     root, base, lora = files
     assert main(["inspect", str(lora)]) == 0
     text = capsys.readouterr().out
-    assert "format: kohya" in text and "family: sd1" in text and "rank: 4" in text and "alpha: 2.0" in text
+    assert "format: kohya-lora" in text and "family: sd1" in text and "rank: 4" in text and "alpha: 2.0" in text
     assert main(["inspect", str(lora), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["modules"] == {"unet": 192, "te": 72}

@@ -132,7 +132,7 @@ def test_diffusers_format_export_is_labelled_and_loads(tmp_path):
 def test_inspect_reports_family_rank_alpha_counts(exported):
     family, _, _, _, path = exported
     info = inspect_lora(path)
-    assert info["format"] == "kohya" and info["family"] == family
+    assert info["format"] == "kohya-lora" and info["algorithm"] == "lora" and info["family"] == family
     assert info["rank"] == 4 and info["alpha"] == 2.0
     assert info["modules"] == EXPECTED[family]
 

@@ -69,7 +69,7 @@ def test_exporting_a_checkpoint_gives_the_file_the_run_wrote(runs, capsys):
     final, _ = read_lora(straight)
     assert any(not torch.equal(a[k], final[k]) for k in a if k.endswith("lora_up.weight"))
     info = inspect_lora(out)
-    assert info["format"] == "kohya" and info["family"] == "sd1" and info["rank"] == 4
+    assert info["format"] == "kohya-lora" and info["family"] == "sd1" and info["rank"] == 4
     assert meta["ss_output_name"] == "again" and meta["ss_steps"] == "2"
     assert not list(out.parent.glob(".*tmp*"))
 

@@ -218,15 +218,16 @@ def test_unsupported_and_foreign_files_give_one_line(tmp_path, models):
 def test_unmatched_and_misshaped_keys_name_the_file_and_the_key(tmp_path, models):
     path = tmp_path / "xl.safetensors"
     lora_fixtures.write_lora(path, "lora", models["sdxl"], sdxl_names="diffusers", limit=30)
-    with pytest.raises(LoraFileError, match=r"xl.safetensors: lora_\S+ matches no module of the second text encoder "
-                                            r"\(this model has none\)"):
+    with pytest.raises(LoraFileError, match=r"xl.safetensors does not fit this model: lora_\S+ matches no module of "
+                                            r"its second text encoder \(it has none\); the LoRA was made for another"):
         module_deltas(read_lora(path), models["sd1"])
     bad = tmp_path / "bad.safetensors"
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 3, 3, 3),
                "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, str(bad))
-    with pytest.raises(LoraFileError, match=r"bad.safetensors: lora_unet_conv_in.lora_down.weight does not fit UNet "
-                                            r"module conv_in of shape \(32, 4, 3, 3\)"):
-        module_deltas(read_lora(bad), models["sd1"])
+    with pytest.raises(LoraFileError, match=r"bad.safetensors does not fit the base model tiny: lora_unet_conv_in."
+                                            r"lora_down.weight is for a layer of 32×27 weights, its UNet's conv_in "
+                                            r"is 32×4×3×3 \(another model size\)"):
+        module_deltas(read_lora(bad), models["sd1"], "tiny")
     half = tmp_path / "half.safetensors"
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3)}, str(half))
     with pytest.raises(LoraFormatError, match="half.safetensors: module lora_unet_conv_in has .* but no up"):

@@ -102,8 +102,12 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 1 if info["non_finite"] else 0
-    print(f"{info['path']}\n  format: {info['format']}\n  family: {info['family']}\n  rank: {info['rank']}"
-          f"  alpha: {info['alpha']}  dtype: {info['dtype']}\n  modules: {info['modules']}  tensors: {info['tensors']}")
+    algorithm = info["algorithm"] + (" (tucker)" if info["tucker"] and info["algorithm"] != "tucker" else "")
+    rank = info["rank"] if info["rank"] is not None else ", ".join(f"{r}: {n}" for r, n in info["ranks"].items()) or "none"
+    alpha = info["alpha"] if info["alpha"] is not None else "none (scale 1)" if list(info["alphas"]) == ["None"] else \
+        ", ".join(f"{a}: {n}" for a, n in info["alphas"].items())
+    print(f"{info['path']}\n  format: {info['format']}  algorithm: {algorithm}\n  family: {info['family']}\n"
+          f"  rank: {rank}  alpha: {alpha}  dtype: {info['dtype']}\n  modules: {info['modules']}  tensors: {info['tensors']}")
     if info["trigger_words"]:
         print(f"  trigger words: {', '.join(info['trigger_words'])}")
     if info.get("non_finite"):

@@ -1,12 +1,12 @@
-"""Generation: one cached base pipeline, LoRAs stacked as named adapters with separate UNet / text-encoder weights.
+"""Generation: one cached base pipeline, LoRAs of any format (lora_formats.py) stacked with separate UNet /
+text-encoder weights.
 
-Changing the LoRA mix never reloads the base model: adapters are loaded once per file and re-weighted with
-set_adapters, W' = W0 + Σ w_i · (alpha_i / r_i) · up_i @ down_i, as A1111 and ComfyUI compute it.
+Changing the LoRA mix never reloads the base model. The mix is merged into the weights, W' = W0 + Σ w_i · ΔW_i
+(kohya: ΔW = alpha / r · up @ down), as A1111 and ComfyUI compute it, so a denoising step costs what it costs
+without LoRAs; lora_mix.py keeps W0 to restore the base exactly. Files are read once per version.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,9 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image, ImageDraw
 
 from .conditioning import encode_text
-from .lora_file import LoraFileError, detect_family, non_finite_keys, read_lora
+from .lora_file import LoraFileError
+from .lora_formats import ModuleDelta, module_deltas, read_lora
+from .lora_mix import MergedMix, MixItem
 from .memory import keep_freed_memory
 
 SAMPLERS = {
@@ -178,7 +180,8 @@ class Generator:
         self.pipe = None
         self.family = None
         self.loads = 0  # base-model loads, for tests and the UI's status line
-        self._adapters: dict[str, str] = {}  # file path → adapter name
+        self._files: dict[str, tuple] = {}
+        self._mix: MergedMix | None = None
 
     def load(self, base_model: str | Path) -> None:
         from .models import load_base_model  # here, so that importing generate stays light
@@ -193,7 +196,9 @@ class Generator:
         base = load_base_model(path, dtype=dtype)
         self.pipe = make_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
         self.pipe.to(device)
-        self.base_path, self.family, self._adapters = path, base.family, {}
+        self.base_path, self.family = path, base.family
+        self._files = {}  # resolved path → (file version, its ModuleDeltas on this base)
+        self._mix = MergedMix(self.parts())
         self.loads += 1
 
     def resolve(self, name: str) -> Path:
@@ -205,47 +210,39 @@ class Generator:
         where = ", ".join(str(d) for d in self.lora_dirs) or "(no LoRA folder configured)"
         raise LoraFileError(f"<lora:{name}:…> names no file; looked for {name}.safetensors in {where}")
 
-    def set_loras(self, loras: list[LoraSpec]) -> None:
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's models a LoRA can patch, by the names LoRA files use."""
+        parts = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            parts["text_encoder_2"] = self.pipe.text_encoder_2
+        return parts
+
+    def _read(self, path: Path) -> tuple[tuple, tuple[ModuleDelta, ...]]:
+        """A LoRA file's deltas on this base model, read once per file version; refused in one line if they
+        do not fit (another family, another model size, a format we do not read, NaN weights)."""
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if self._files.get(str(path), ((),))[0] != key:
+            lora = read_lora(path)
+            if any(not bool(torch.isfinite(t).all()) for e in lora.entries for t in e.tensors.values()):
+                raise LoraFileError(f"{path.name} holds NaN or inf weights (its training diverged); "
+                                    "export an earlier checkpoint of its run instead")
+            if lora.family != "unknown" and lora.family != base_kind(self.family.name):
+                raise LoraFamilyError(
+                    f"{path.name} is a {lora.family} LoRA but the base model {self.base_path.name} is "
+                    f"{self.family.name}: pick a {lora.family} base model, or a LoRA trained for {self.family.name}")
+            self._files[str(path)] = (key, tuple(module_deltas(lora, self.parts(), self.base_path.name)))
+        return self._files[str(path)]
+
+    def set_loras(self, loras: list[LoraSpec]) -> int:
+        """Merge this mix into the weights (every file is checked before any weight changes); returns the number
+        of modules rewritten, 0 when the mix is the one already applied."""
         assert self.pipe is not None, "load() a base model first"
-        names, weights = [], []
+        items = []
         for spec in loras:
-            path = str(Path(spec.path).resolve())
-            if path not in self._adapters:
-                tensors, metadata = read_lora(path)
-                if non_finite_keys(tensors):  # NaN weights draw a black picture without any error
-                    raise LoraFileError(f"{Path(path).name} holds NaN or inf weights (its training diverged); "
-                                        "export an earlier checkpoint of its run instead")
-                family = detect_family(tensors, metadata)
-                if family != "unknown" and family != base_kind(self.family.name):
-                    raise LoraFamilyError(
-                        f"{Path(path).name} is a {family} LoRA but the base model {self.base_path.name} is "
-                        f"{self.family.name}: pick a {family} base model, or a LoRA trained for {self.family.name}")
-                name = "l" + hashlib.sha1(path.encode()).hexdigest()[:10]
-                peft_log = logging.getLogger("diffusers.loaders.peft")  # it logs the whole report before raising
-                level = peft_log.level
-                peft_log.setLevel(logging.CRITICAL)
-                try:
-                    self.pipe.load_lora_weights(tensors, adapter_name=name)
-                except RuntimeError as e:  # torch's size-mismatch report: dozens of lines, a traceback
-                    if "size mismatch" not in str(e):
-                        raise
-                    raise LoraFileError(f"{Path(path).name} does not fit the base model {self.base_path.name}: its "
-                                        f"layer sizes differ (trained on another {family} model); pick the base it "
-                                        "was trained on") from None
-                finally:
-                    peft_log.setLevel(level)
-                self._adapters[path] = name
-            unet_w, te_w = spec.weights()
-            names.append(self._adapters[path])
-            part = {"unet": unet_w, "text_encoder": te_w}
-            if hasattr(self.pipe, "text_encoder_2"):
-                part["text_encoder_2"] = te_w
-            weights.append(part)
-        if names:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters(names, adapter_weights=weights)
-        elif self._adapters:
-            self.pipe.disable_lora()
+            key, deltas = self._read(Path(spec.path).resolve())
+            items.append(MixItem(key, deltas, *spec.weights()))
+        return self._mix.apply(items)
 
     def generate(self, prompt: str, loras: list[LoraSpec] = (), negative_prompt: str = "", seed: int = 0,
                  steps: int = 20, cfg: float = 7.0, width: int = 0, height: int = 0, sampler: str = "euler",

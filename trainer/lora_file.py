@@ -92,20 +92,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise LoraFileError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from e
 
 
-def detect_format(keys: list[str]) -> str:
-    if any(k.startswith("base_model.model.") for k in keys):
-        return "peft"
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        if any(".hada_w1_a" in k for k in keys):
-            return "loha"
-        if any(".lokr_w1" in k for k in keys):
-            return "lokr"
-        return "kohya"
-    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
-        return "diffusers"
-    return "unknown"
-
-
 METADATA_FAMILY = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
@@ -131,38 +117,30 @@ def detect_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def inspect_lora(path: str | Path) -> dict:
-    """What a user wants to know about a LoRA file: format, family, rank, alpha, module counts, metadata."""
-    tensors, metadata = read_lora(path)
-    fmt = detect_format(list(tensors))
-    modules: Counter[str] = Counter()
-    ranks: Counter[int] = Counter()
-    alphas: Counter[float] = Counter()
-    for key, t in tensors.items():
-        module, _, leaf = key.partition(".")
-        if fmt == "kohya":
-            part = module.split("_")[1]  # unet | te | te1 | te2
-            if leaf == "lora_down.weight":
-                modules[part] += 1
-                ranks[t.shape[0]] += 1
-            elif leaf == "alpha":
-                alphas[round(float(t), 6)] += 1
-        elif key.endswith(("lora_A.weight", "lora.down.weight")):
-            modules[module] += 1
-            ranks[t.shape[0]] += 1
-    rank = ranks.most_common(1)[0][0] if ranks else None
-    # A file without alpha tensors means scale 1.0 in every loader, i.e. alpha = rank.
-    alpha = alphas.most_common(1)[0][0] if alphas else (float(rank) if rank else None)
+    """What a user wants to know about a LoRA file: format, algorithm, family, rank, alpha, module counts per part
+    (kohya's part names: unet, te, or te1/te2 on SDXL), metadata. A file we do not read raises one line saying what
+    it is (lora_formats.LoraFormatError)."""
+    from .lora_formats import read_lora as read_any  # lora_formats builds on this module
+
+    lora = read_any(path)
+    sdxl = lora.family == "sdxl" or any(e.part == "text_encoder_2" for e in lora.entries)
+    labels = {"unet": "unet", "text_encoder": "te1" if sdxl else "te", "text_encoder_2": "te2"}
+    tensors = {k: t for e in lora.entries for k, t in zip(e.keys, e.tensors.values())}
     return {
         "path": str(path),
-        "format": fmt,
-        "family": detect_family(tensors, metadata),
-        "rank": rank,
-        "alpha": alpha,
-        "modules": dict(modules),
-        "tensors": len(tensors),
-        "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
-        "metadata": metadata,
-        "trigger_words": trigger_words(metadata),
+        "format": lora.format,
+        "algorithm": lora.algorithm,
+        "tucker": lora.tucker,
+        "family": lora.family,
+        "rank": lora.rank,  # None when modules differ: then "ranks" counts modules per rank
+        "ranks": {str(r): n for r, n in sorted(lora.ranks.items())},
+        "alpha": lora.alpha,  # None when the file has none (scale 1.0) or alphas differ: then "alphas" counts them
+        "alphas": {str(a): n for a, n in Counter(e.alpha for e in lora.entries).most_common()},
+        "modules": {labels[p]: n for p, n in sorted(lora.modules_per_part().items())},
+        "tensors": lora.n_tensors,
+        "dtype": lora.dtype,
+        "metadata": lora.metadata,
+        "trigger_words": trigger_words(lora.metadata),
         "non_finite": non_finite_keys(tensors),
     }
 

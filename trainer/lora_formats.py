@@ -74,6 +74,7 @@ class LoraFile:
     entries: list[Entry] = field(default_factory=list)
     dtype: str = ""
     ranks: dict[int, int] = field(default_factory=dict)  # rank → modules
+    n_tensors: int = 0
 
     @property
     def name(self) -> str:
@@ -118,7 +119,7 @@ def read_lora(path: str | Path) -> LoraFile:
                     family=lora_family(entries, metadata), metadata=metadata,
                     rank=next(iter(ranks)) if len(ranks) == 1 else None,
                     alpha=alphas.pop() if len(alphas) == 1 else None, entries=entries,
-                    dtype=str(first.dtype).replace("torch.", ""), ranks=dict(ranks))
+                    dtype=str(first.dtype).replace("torch.", ""), ranks=dict(ranks), n_tensors=len(tensors))
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -91,24 +91,26 @@ class _Index:
                 if p in self.paths and _canonical(p, entry.name) in self.paths[p]]
 
 
-def module_deltas(lora: LoraFile, parts: dict[str, torch.nn.Module]) -> list[ModuleDelta]:
+def module_deltas(lora: LoraFile, parts: dict[str, torch.nn.Module], model_name: str = "") -> list[ModuleDelta]:
     """Every entry of `lora` resolved to a module of `parts` ({"unet": …, "text_encoder": …, "text_encoder_2": …}),
-    or a LoraFileError naming the file and the first key that matched nothing."""
+    or a LoraFileError naming the file, the model (`model_name`, for the message) and the first key that fits nothing."""
     index = _Index(parts)
+    model = f"the base model {model_name}" if model_name else "this model"
     out = []
     for entry in lora.entries:
         found = index.candidates(entry)
         if not found:
-            where = PART_NAMES.get(entry.part, "model") if entry.part else "UNet or text encoder"
-            missing = "" if (entry.part is None or entry.part in parts) else " (this model has none)"
-            raise LoraFileError(f"{lora.name}: {entry.keys[0]} matches no module of the {where}{missing}: the LoRA "
-                                "was made for another model family or architecture")
+            where = PART_NAMES.get(entry.part, "model") if entry.part else "UNet or text encoders"
+            missing = "" if (entry.part is None or entry.part in parts) else " (it has none)"
+            raise LoraFileError(f"{lora.name} does not fit {model}: {entry.keys[0]} matches no module of its "
+                                f"{where}{missing}; the LoRA was made for another model family or architecture")
         fits = [(p, n) for p, n in found if _fits(entry, index.modules[p][n].weight.shape)]
         if not fits:
             part, name = found[0]
-            shape = tuple(index.modules[part][name].weight.shape)
-            raise LoraFileError(f"{lora.name}: {entry.keys[0]} does not fit {PART_NAMES[part]} module {name} of "
-                                f"shape {shape}: the LoRA was made for another model (family or size)")
+            shape = "×".join(map(str, index.modules[part][name].weight.shape))
+            raise LoraFileError(f"{lora.name} does not fit {model}: {entry.keys[0]} is for a layer of "
+                                f"{'×'.join(map(str, entry.out_and_in()))} weights, its {PART_NAMES[part]}'s {name} "
+                                f"is {shape} (another model size); pick the base model it was made for")
         part, name = fits[0]
         out.append(ModuleDelta(part, name, entry, index.modules[part][name].weight.shape))
     return out
