@@ -1,8 +1,9 @@
 """Every failure of a UI action becomes a message in the page (gr.Error), never a stack-trace page.
 
-The engine raises exceptions whose text already names the file/value and the fix (ConfigError, DatasetError,
-ModelError, LoraFamilyError, ...): those are shown as they are. Anything unexpected is shown with its type and
-message plus a pointer to the terminal, where the full traceback is logged.
+The project's own errors (trainer.errors.StudioError: ConfigError, DatasetError, ModelError, LoraFamilyError, the
+UI's UserError, ...) and OSError (a file missing or unwritable) already name the file/value and the fix: those are
+shown as they are. Anything else, a ValueError or KeyError of a library included, is a bug: it is shown with its
+type and message plus a pointer to the terminal, where the full traceback is logged.
 """
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ import re
 
 import gradio as gr
 
+from trainer.errors import USER_ERRORS, StudioError
+
 log = logging.getLogger("app")
 
-# Exceptions that are the user's to fix: their message is the whole story.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-               IsADirectoryError, KeyError, LookupError)
 
-
-class UserError(ValueError):
+class UserError(StudioError):
     """A refused UI action (bad upload, second training, ...); the message says what to do."""
 
 
@@ -55,8 +54,7 @@ def as_gr_error(e: Exception, action: str) -> gr.Error:
     """The page's message for an exception: the user's to fix as it is, anything else with where to look."""
     if isinstance(e, USER_ERRORS):
         log.info("%s refused: %s", action, e)
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        return gr.Error(shown_text(message), print_exception=False)
+        return gr.Error(shown_text(str(e)), print_exception=False)
     log.error("%s failed", action, exc_info=e)
     return gr.Error(shown_text(f"{action.replace('_', ' ')} failed: {type(e).__name__}: {e}. The full error is in "
                                "the terminal running the app; if it persists, report it with that text."),

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.errors import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # A1111's name first, then ComfyUI's: an existing folder of either layout is used as it is.
@@ -91,10 +93,10 @@ def safe_folder_name(name: str, what: str) -> str:
     """A single folder/file stem typed by the user: refused if it could leave its parent folder."""
     name = (name or "").strip()
     if not name:
-        raise ValueError(f"the {what} is empty: type a name such as my-style")
+        raise UserError(f"the {what} is empty: type a name such as my-style")
     if name in (".", "..") or re.search(r"[/\\:]", name) or name.startswith(".") or Path(name).is_absolute():
-        raise ValueError(f"the {what} {name!r} may not contain '/', '\\', ':' or start with '.': "
+        raise UserError(f"the {what} {name!r} may not contain '/', '\\', ':' or start with '.': "
                          "use letters, digits, '-' and '_'")
     if not re.fullmatch(r"[\w\- .()+@&'\[\]]+", name):
-        raise ValueError(f"the {what} {name!r} has unusual characters: use letters, digits, '-' and '_'")
+        raise UserError(f"the {what} {name!r} has unusual characters: use letters, digits, '-' and '_'")
     return name

@@ -206,7 +206,7 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs) -> None:
             def caption_editor(name, _version):
                 try:
                     images = list_images(folders.dataset_path(name))
-                except ValueError:
+                except UserError:
                     images = []
                 if not images:
                     gr.Markdown("*No images in this dataset yet.*")

@@ -17,6 +17,8 @@ from trainer.data.captions import CaptionProblem, apply_trigger, has_trigger
 from trainer.data.captions import read_caption as engine_read_caption
 from trainer.data.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what the engine decodes
 
+from app.errors import UserError
+
 CAPTION_SUFFIXES = (".txt", ".caption")
 MAX_ZIP_BYTES = 4 << 30  # uncompressed total; a zip bomb is refused before anything is written
 MAX_ZIP_FILES = 20_000
@@ -34,12 +36,12 @@ class UploadResult:
 
 
 def safe_file_name(name: str) -> str:
-    """The plain file name to store an uploaded `name` under, or ValueError saying why it is refused."""
+    """The plain file name to store an uploaded `name` under, or UserError saying why it is refused."""
     base = PurePosixPath(name.replace("\\", "/")).name  # drops folders, "..", "/abs" and "C:/x" prefixes
     base = base.split(":")[-1]  # "C:x.png" has no slash but still names a drive
     base = re.sub(r"[^\w\-. ()+@&,']", "_", base).strip(" .")  # no leading dots: no hidden files, no ".."
     if not base or base.startswith("."):
-        raise ValueError("not a usable file name")
+        raise UserError("not a usable file name")
     return base
 
 
@@ -55,7 +57,7 @@ def _kind(name: str) -> str | None:
 def _target(dataset_dir: Path, name: str) -> Path:
     target = (dataset_dir / name).resolve()
     if target.parent != dataset_dir.resolve():  # belt and braces after safe_file_name
-        raise ValueError("would be written outside the dataset folder")
+        raise UserError("would be written outside the dataset folder")
     return target
 
 
@@ -83,7 +85,7 @@ class _Namer:
 def _store(dataset_dir: Path, name: str, folder: str, namer: _Namer, result: UploadResult, write) -> None:
     try:
         safe = safe_file_name(name)
-    except ValueError as e:
+    except UserError as e:
         result.ignored.append((name, str(e)))
         return
     if _kind(safe) is None:
@@ -100,11 +102,11 @@ def _store_zip(dataset_dir: Path, zip_path: Path, namer: _Namer, result: UploadR
     try:
         archive = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{zip_path.name} is not a readable zip file ({e}); upload the images directly") from e
+        raise UserError(f"{zip_path.name} is not a readable zip file ({e}); upload the images directly") from e
     with archive:
         entries = [e for e in archive.infolist() if not e.is_dir()]
         if len(entries) > MAX_ZIP_FILES or sum(e.file_size for e in entries) > MAX_ZIP_BYTES:
-            raise ValueError(f"{zip_path.name} holds more than {MAX_ZIP_FILES} files or {MAX_ZIP_BYTES >> 30} GB "
+            raise UserError(f"{zip_path.name} holds more than {MAX_ZIP_FILES} files or {MAX_ZIP_BYTES >> 30} GB "
                              "uncompressed; split it into smaller zips")
         for entry in entries:
             posix = entry.filename.replace("\\", "/")
@@ -155,7 +157,7 @@ def read_caption(image: Path) -> str:
     try:
         return engine_read_caption(path)[0].strip()
     except CaptionProblem as e:
-        raise ValueError(f"{e}: check the file's permissions") from e
+        raise UserError(f"{e}: check the file's permissions") from e
 
 
 def write_caption(image: Path, text: str) -> None:
@@ -170,7 +172,7 @@ def add_trigger_word(dataset_dir: Path, word: str) -> int:
     `word, ` before every caption line that does not hold it already; returns how many captions changed."""
     word = word.strip().strip(",").strip()
     if not word:
-        raise ValueError("the trigger word is empty: type a rare word such as `sks style` first")
+        raise UserError("the trigger word is empty: type a rare word such as `sks style` first")
     changed = 0
     for image in list_images(dataset_dir):
         caption = read_caption(image)
@@ -184,7 +186,7 @@ def add_trigger_word(dataset_dir: Path, word: str) -> int:
 def find_replace(dataset_dir: Path, find: str, replace: str) -> int:
     """Plain-text replace in every caption; returns how many captions changed."""
     if not find:
-        raise ValueError("the text to find is empty: type the word or phrase to replace")
+        raise UserError("the text to find is empty: type the word or phrase to replace")
     changed = 0
     for image in list_images(dataset_dir):
         caption = read_caption(image)

@@ -41,7 +41,7 @@ def test_new_dataset_counts_add_replace_and_delete_to_the_trash(folders, tmp_pat
     assert ds.new_dataset(folders, "cats") == "cats"
     with pytest.raises(UserError, match="exists already"):
         ds.new_dataset(folders, "cats")
-    with pytest.raises(ValueError, match="may not contain"):
+    with pytest.raises(UserError, match="may not contain"):
         ds.new_dataset(folders, "../cats")
     assert ds.counted_choices(folders) == [("cats (0 images)", "cats")]
     assert "now holds 2 images" in ds.upload_into(folders, uploads(tmp_path, ["a", "b"]), "cats", "add")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import tiny_models
 from app import gallery_tab as g
-from app.errors import shown_as_gr_error
+from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
 from app.live_generation import LiveGeneration
 from trainer.config import TrainConfig
@@ -129,9 +129,9 @@ def test_the_sweep_grid_holds_the_single_generations(world, plain):
     assert grid.shape[1] == 2 * w
     band = grid.shape[0] - h  # the label strip above the pictures
     assert np.array_equal(grid[band:, :w], zero) and np.array_equal(grid[band:, w:], one)
-    with pytest.raises(ValueError, match="not numbers"):
+    with pytest.raises(UserError, match="not numbers"):
         g.parse_weights("0, half")
-    with pytest.raises(ValueError, match="between -2 and 2"):
+    with pytest.raises(UserError, match="between -2 and 2"):
         g.parse_weights("0, 3")
 
 
@@ -156,11 +156,11 @@ def test_a_lora_of_another_family_is_a_message_naming_both(world, tmp_path):
 def test_add_to_mix_fills_the_first_free_slot(world):
     updates = g.add_to_mix("/loras/b.safetensors", "/loras/a.safetensors", "", "", "")
     assert updates[1]["value"] == "/loras/b.safetensors" and updates[0] == gr.skip()
-    with pytest.raises(ValueError, match="already in the mix"):
+    with pytest.raises(UserError, match="already in the mix"):
         g.add_to_mix("/loras/a.safetensors", "/loras/a.safetensors", "", "", "")
-    with pytest.raises(ValueError, match="all 4 slots"):
+    with pytest.raises(UserError, match="all 4 slots"):
         g.add_to_mix("/e", "/a", "/b", "/c", "/d")
-    with pytest.raises(ValueError, match="select a LoRA"):
+    with pytest.raises(UserError, match="select a LoRA"):
         g.add_to_mix("", "", "", "", "")
 
 

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from app import settings_form as form
+from app.errors import UserError
 from app.folders import Folders
 from app.main import parse_args
 from app.train_tab import run_config
@@ -49,9 +50,9 @@ def test_run_config_keeps_every_path_inside_the_app_folders(tmp_path):
     assert cfg.output.lora_dir == str(folders.lora_dir) and cfg.run_path() == folders.runs_dir / "my-style"
     assert cfg.data.dataset == str(ds) and cfg.data.crop == "random"  # other extra keys do apply
     for bad in ("../escape", "a/b", "x:y"):
-        with pytest.raises(ValueError, match="LoRA name"):
+        with pytest.raises(UserError, match="LoRA name"):
             run_config(folders, "shapes", "", None, bad, "", values)
-    with pytest.raises(ValueError, match="has no images yet"):
+    with pytest.raises(UserError, match="has no images yet"):
         run_config(folders, "empty", "", None, "my-style", "", values)
     # an engine refusal names the setting as the form labels it, beside its config key
     keys = [s.key for s in form.SETTINGS]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from app.errors import UserError
 from app.folders import Folders, safe_folder_name
 from app.uploads import (add_trigger_word, find_replace, list_images, read_caption, safe_file_name, save_uploads,
                          write_caption)
@@ -39,7 +40,7 @@ def test_safe_file_name_keeps_only_a_plain_name(name, expected):
 
 @pytest.mark.parametrize("name", ["..", ".", "/", "a/..", "", "   "])
 def test_safe_file_name_refuses_names_that_are_no_file(name):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         safe_file_name(name)
 
 
@@ -86,7 +87,7 @@ def test_plain_uploads_are_copied_and_reuploading_replaces(tmp_path):
 def test_a_broken_zip_is_a_clear_error(tmp_path):
     bad = tmp_path / "photos.zip"
     bad.write_bytes(b"this is not a zip")
-    with pytest.raises(ValueError, match="photos.zip is not a readable zip"):
+    with pytest.raises(UserError, match="photos.zip is not a readable zip"):
         save_uploads([bad], tmp_path / "ds")
 
 
@@ -114,9 +115,9 @@ def test_caption_edits_and_bulk_actions(tmp_path):
                                                  "sks, a green triangle", "sks, edited"]
     assert find_replace(ds, "a ", "one ") == 3
     assert read_caption(ds / "a.png") == "sks, one red circle"
-    with pytest.raises(ValueError, match="trigger word is empty"):
+    with pytest.raises(UserError, match="trigger word is empty"):
         add_trigger_word(ds, " , ")
-    with pytest.raises(ValueError, match="text to find is empty"):
+    with pytest.raises(UserError, match="text to find is empty"):
         find_replace(ds, "", "x")
 
 
@@ -145,7 +146,7 @@ def test_latin1_captions_and_the_trigger_word_follow_the_engine(tmp_path):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "/abs", "C:x", "a,b"])
 def test_typed_folder_names_cannot_escape(name):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         safe_folder_name(name, "dataset name")
 
 

@@ -60,6 +60,18 @@ def test_user_errors_are_one_line_with_exit_code_2(files, capsys):
     assert "`network.rank` must be ≥ 1" in capsys.readouterr().err
 
 
+def test_a_bug_keeps_its_traceback_even_when_it_is_a_value_error(monkeypatch):
+    # Only the project's own errors (StudioError) and OSError are one-line messages; a library's ValueError or
+    # KeyError is a bug and must reach the terminal with its traceback.
+    import trainer.cli as cli
+
+    def broken(args):
+        raise ValueError("numpy says no")
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    with pytest.raises(ValueError, match="numpy says no"):
+        main(["inspect", "anything.safetensors"])
+
+
 def test_the_module_runs_as_a_process_without_a_traceback(files):
     root, base, lora = files
     bad = root / "bad.toml"

@@ -103,7 +103,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(workspace):
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         loop.train(config(workspace, "never-ran"), resume=True)
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, build_config, read_toml
+from .errors import StudioError
 
 
 def _train_overrides(args) -> dict:
@@ -266,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        # User-input errors: one clear line, no stack trace. Bugs still raise with their trace.
+    except (StudioError, FileNotFoundError) as e:
+        # The user's to fix (trainer/errors.py): one clear line, no stack trace. Bugs still raise with their trace.
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk or the system refused (full, read-only, permissions): not a bug of ours

@@ -14,11 +14,13 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from .errors import StudioError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = PROJECT_ROOT / "presets"
 
 
-class ConfigError(ValueError):
+class ConfigError(StudioError):
     """A user-facing configuration error; the message names the key and the fix."""
 
 

@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import PROJECT_ROOT
+from .config import PROJECT_ROOT
+from .errors import StudioError
 
 DEMO_MODEL_DIR = PROJECT_ROOT / "models" / "demo"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
-class ModelError(ValueError):
+class ModelError(StudioError):
     """A base model that cannot be used; the message names the path, the reason and the fix."""
 
 

@@ -18,6 +18,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image, ImageDraw
 
 from .conditioning import encode_text
+from .errors import StudioError
 from .lora_file import LoraFileError
 from .lora_formats import ModuleDelta, module_deltas, read_lora
 from .lora_mix import MergedMix, MixItem
@@ -33,7 +34,7 @@ SAMPLERS = {
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?(?::([-+0-9.eE]+))?>")
 
 
-class LoraFamilyError(ValueError):
+class LoraFamilyError(StudioError):
     """A LoRA trained for another model family than the loaded base model."""
 
 
@@ -84,7 +85,7 @@ def base_kind(family_name: str) -> str:
 
 def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, noise_scheduler, sampler: str = "euler"):
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise StudioError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     cls, extra = SAMPLERS[sampler]
     scheduler = cls.from_config(noise_scheduler.config, **extra)
     if len(text_encoders) == 2:
@@ -252,7 +253,7 @@ class Generator:
         self.set_loras(specs)
         cls, extra = SAMPLERS[sampler] if sampler in SAMPLERS else (None, None)
         if cls is None:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+            raise StudioError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra)
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return render(self.pipe, prompt, negative_prompt, seed, steps, cfg, width or size, height or size, clip_skip,

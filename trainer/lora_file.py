@@ -16,11 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from .errors import StudioError
+
 # Keys a plain-LoRA kohya file must never hold: diffusers raises on them (formats.md, "Pitfalls").
 FORBIDDEN_KEY_PARTS = ("lora_A", "lora_B", "lora_mid", "dora_scale", "bundle_emb", "text_projection")
 
 
-class LoraFileError(ValueError):
+class LoraFileError(StudioError):
     """A LoRA file that cannot be read or used; the message names the file."""
 
 

@@ -13,6 +13,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .config import NetworkConfig
+from .errors import StudioError
 
 ADAPTER = "default"
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -76,4 +77,5 @@ def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
-        raise ValueError(f"checkpoint holds LoRA keys this model does not have, e.g. {unexpected[:3]}")
+        raise StudioError(f"the checkpoint holds LoRA keys this model does not have (e.g. {unexpected[:3]}): resume with "
+                          "the network settings the run started with")

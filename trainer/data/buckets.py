@@ -16,8 +16,10 @@ import math
 import random
 from dataclasses import dataclass
 
+from ..errors import StudioError
 
-class BucketError(ValueError):
+
+class BucketError(StudioError):
     """Bucket parameters that cannot work together; the message names the setting and the fix."""
 
 
@@ -80,7 +82,7 @@ class Bucketer:
             bw = min(width - width % self.step, self.max_reso)
             bh = min(height - height % self.step, self.max_reso)
             if bw < self.step or bh < self.step:
-                raise ValueError(f"too small for no_upscale: {width}×{height} px has a side under {self.step} px; "
+                raise BucketError(f"too small for no_upscale: {width}×{height} px has a side under {self.step} px; "
                                  f"use a larger image or turn off data.no_upscale")
             return bw, bh
         # Larger: the closest-aspect predefined bucket that fits inside the image needs no enlarging. (kohya shrinks
@@ -91,7 +93,7 @@ class Bucketer:
                        for bh in range(self.step, min(height, self.max_reso) + 1, self.step)
                        if bw * bh <= self.max_area]
         if not fitting:
-            raise ValueError(f"too thin for no_upscale: {width}×{height} px has a side under {self.step} px; "
+            raise BucketError(f"too thin for no_upscale: {width}×{height} px has a side under {self.step} px; "
                              f"use a larger image or turn off data.no_upscale")
         return min(fitting, key=lambda b: (abs(b[0] / b[1] - aspect), -b[0] * b[1]))
 

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig, validate_data
-from .buckets import Bucketer, cover_size, crop_offsets
+from ..errors import StudioError
+from .buckets import BucketError, Bucketer, cover_size, crop_offsets
 from .captions import (CaptionProblem, CaptionTricks, apply_trigger, caption_lines,
                        clip_overflow, count_tags, read_caption)
 from .images import IMAGE_EXTENSIONS, ImageProblem, decode_image, parse_background
@@ -187,7 +188,7 @@ class Dataset:
 
 
 def _check_settings(cfg: DataConfig) -> tuple[tuple[int, int, int], Bucketer]:
-    validate_data(cfg)  # a ConfigError is a ValueError: the report carries it like a scan error
+    validate_data(cfg)  # a ConfigError: the report carries it like a scan error
     return parse_background(cfg.background), Bucketer(cfg.resolution, *cfg.bucket_range(), cfg.bucket_step,
                                                      cfg.no_upscale)
 
@@ -198,7 +199,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     try:
         background, bucketer = _check_settings(cfg)
         scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.repeats)
-    except ValueError as e:
+    except StudioError as e:
         report.reason = str(e)
         raise DatasetError(str(e), report) from None
     report.root = scan.root
@@ -225,7 +226,7 @@ def _check_images(scan: Scan, cfg: DataConfig, background: tuple[int, int, int],
             decoded = decode_image(cand.path, background)
             size = decoded.image.size
             choice = bucketer.select(*size)
-        except (ImageProblem, ValueError) as e:
+        except (ImageProblem, BucketError) as e:
             report.skipped.append((cand.path, str(e)))
             continue
         for note in decoded.notes:

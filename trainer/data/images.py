@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
+from ..config import ConfigError
+
 # Extensions we read, and Pillow formats we accept behind them (MPO is the multi-picture JPEG of phones/cameras).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP")
@@ -41,7 +43,7 @@ def parse_background(value: str) -> tuple[int, int, int]:
     try:
         return ImageColor.getrgb(value)[:3]
     except ValueError:
-        raise ValueError(f"`data.background` = {value!r} is not a colour; use a name such as white or black, "
+        raise ConfigError(f"`data.background` = {value!r} is not a colour; use a name such as white or black, "
                          f"or #rrggbb") from None
 
 

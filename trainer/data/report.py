@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import StudioError
+
 LINE_LIMIT = 300  # a 10,000-word caption made a 60,000-character "Top tags" line
 
 
@@ -97,7 +99,7 @@ class DatasetReport:
         }
 
 
-class DatasetError(ValueError):
+class DatasetError(StudioError):
     """Nothing in the dataset can be trained on (or its settings cannot work); the message says why and
     .report holds everything that was found on the way."""
 

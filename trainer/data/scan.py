@@ -26,6 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import StudioError
 from .images import IMAGE_EXTENSIONS, UNSUPPORTED_EXTENSIONS
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -33,7 +34,7 @@ _SUBSET_KEYS = ("image_dir", "num_repeats", "class_tokens", "caption_extension",
 _TOP_KEYS = ("subsets", "caption_extension")
 
 
-class ScanError(ValueError):
+class ScanError(StudioError):
     """The dataset path or TOML is unusable as a whole; the message names it and the fix."""
 
 
