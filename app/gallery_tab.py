@@ -18,6 +18,7 @@ from PIL import Image
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
 from app.live_generation import LiveGeneration, progress_html
+from trainer.atomic import atomic_path
 from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
 from trainer.lora_file import LoraFileError, inspect_lora
 
@@ -81,8 +82,8 @@ def placeholder(folders: Folders) -> Path:
     """A grey square for LoRAs without a preview image (the gallery needs an image per item)."""
     path = folders.outputs_dir / "app-cache" / "no-preview.png"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (256, 256), (200, 200, 200)).save(path)
+        with atomic_path(path) as tmp:
+            Image.new("RGB", (256, 256), (200, 200, 200)).save(tmp, format="PNG")
     return path
 
 
@@ -132,7 +133,8 @@ def add_to_mix(selected: str, *slot_values):
 
 def _save(folders: Folders, image: Image.Image, kind: str) -> str:
     path = folders.generated_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{time.time_ns() % 1000000:06d}.png"
-    image.save(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return str(path)
 
 

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from trainer.atomic import atomic_path, write_text
 from trainer.data.captions import CaptionProblem, apply_trigger, has_trigger
 from trainer.data.captions import read_caption as engine_read_caption
 from trainer.data.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what the engine decodes
@@ -92,9 +93,8 @@ def _store(dataset_dir: Path, name: str, folder: str, namer: _Namer, result: Upl
         result.ignored.append((name, f"not an image ({', '.join(IMAGE_SUFFIXES)}) or a caption (.txt)"))
         return
     target = _target(dataset_dir, namer.name(folder, safe))
-    tmp = target.with_name(target.name + ".part")
-    write(tmp)
-    tmp.replace(target)
+    with atomic_path(target) as tmp:
+        write(tmp)
     result.saved.append(target.name)
 
 
@@ -161,10 +161,7 @@ def read_caption(image: Path) -> str:
 
 
 def write_caption(image: Path, text: str) -> None:
-    path = caption_path(image)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text.strip() + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text(caption_path(image), text.strip() + "\n")
 
 
 def add_trigger_word(dataset_dir: Path, word: str) -> int:

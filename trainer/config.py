@@ -14,6 +14,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from .atomic import write_text
 from .errors import StudioError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -343,8 +344,4 @@ def load_config(path: str | Path, *extra: dict[str, Any]) -> TrainConfig:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(cfg.to_toml(), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, cfg.to_toml())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from .atomic import write_bytes
 from .errors import StudioError
 
 # Keys a plain-LoRA kohya file must never hold: diffusers raises on them (formats.md, "Pitfalls").
@@ -68,17 +68,13 @@ def tensor_hash(data: bytes) -> str:
 
 
 def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write atomically: a temporary name in the same folder, then rename, so a crash never leaves half a file."""
+    """Write atomically (atomic.py): a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     assert not bad, f"safetensors metadata must be str→str: {bad}"
     metadata = dict(metadata)
     metadata["sshs_model_hash"] = tensor_hash(save_bytes(tensors, metadata=metadata))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(save_bytes(tensors, metadata=metadata))
-    os.replace(tmp, path)
-    return path
+    return write_bytes(path, save_bytes(tensors, metadata=metadata))
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_path
 
 KEY_VERSION = 1  # bump when the decode/resize/crop pipeline changes, so old entries stop matching
 
@@ -46,11 +47,8 @@ class LatentCache:
 
     def put(self, key: str, latent: torch.Tensor) -> None:
         """Write atomically: a crash leaves the old entry or none, never half a file."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-        save_file({"latent": latent.detach().to("cpu").contiguous()}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
+        with atomic_path(self.path(key)) as tmp:
+            save_file({"latent": latent.detach().to("cpu").contiguous()}, str(tmp), metadata={"key": key})
 
     def get_or_encode(self, key: str, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached latent, or encode() stored for next time: a warm cache never calls encode()."""
