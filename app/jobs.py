@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.atomic import write_text
 from trainer.events import read_events
 
 from app.errors import UserError
@@ -65,9 +65,8 @@ class RunView:
         if kind == "start":
             self.ended, self.stepped, self.it_s, self.eta_s = None, False, None, None
             self.total = ev.get("total_steps", self.total)
-            resumed = ev.get("resumed_from")
-            if resumed:  # steps after the checkpoint are trained again: drop their old losses
-                cut = _checkpoint_step(resumed, self.checkpoint_step)
+            if ev.get("resumed_from"):  # steps after the checkpoint are trained again: drop their old losses
+                cut = ev.get("resumed_step", self.checkpoint_step)
                 self.loss = [(s, l) for s, l in self.loss if s <= cut]
                 self.step = cut
             self.message = ""
@@ -94,14 +93,6 @@ class RunView:
             self.step = ev.get("step", self.step)
         elif kind == "error":
             self.message = ev.get("message", "the trainer reported an error without a message")
-
-
-def _checkpoint_step(resumed_from, known: int) -> int:
-    """The step a resume restarts from: `resumed_from` is a step or a checkpoint path (…/step_000120)."""
-    if isinstance(resumed_from, int):
-        return resumed_from
-    match = re.search(r"step_0*(\d+)", str(resumed_from))
-    return int(match.group(1)) if match else known
 
 
 def _pid_alive(pid: int, config_path: Path) -> bool:
@@ -195,9 +186,7 @@ class Jobs:
             (run_dir / "events.jsonl").unlink(missing_ok=True)  # an earlier attempt that failed before any step
             with self._view_lock:
                 self._views.pop(run_dir, None)
-            tmp = run_dir / "config.toml.tmp"
-            tmp.write_text(config_text, encoding="utf-8")
-            tmp.replace(run_dir / "config.toml")
+            write_text(run_dir / "config.toml", config_text)
             self._spawn(run_dir, resume=False)
 
     def resume(self, run_dir: Path) -> None:
@@ -224,7 +213,7 @@ class Jobs:
             proc = subprocess.Popen(self.command(run_dir / "config.toml", resume), cwd=PROJECT_ROOT, env=env,
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **platform)
         self._procs[run_dir] = proc
-        (run_dir / "train.pid").write_text(f"{proc.pid}\n")  # the trainer writes the same pid; written here too
+        write_text(run_dir / "train.pid", f"{proc.pid}\n")  # the trainer writes the same pid; written here too
         # so that a second Start in the next instant already sees this job
 
     def stop(self, run_dir: Path) -> None:

@@ -40,7 +40,8 @@ FAKE_TRAINER = textwrap.dedent('''
     if "--resume" in sys.argv:
         first = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
     log.emit("start", run=run_dir.name, total_steps=total, steps_per_epoch=10, family="sd1", base_model="x",
-             resumed_from=str(run_dir / "checkpoints" / f"step_{first:06d}") if first else None)
+             resumed_from=str(run_dir / "checkpoints" / f"step_{first:06d}") if first else None,
+             resumed_step=first if first else None)
     log.emit("dataset", lines=["3 images usable"], images=3, skipped=0)
     for step in range(first + 1, total + 1):
         time.sleep(delay)
