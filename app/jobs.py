@@ -213,8 +213,9 @@ class Jobs:
             proc = subprocess.Popen(self.command(run_dir / "config.toml", resume), cwd=PROJECT_ROOT, env=env,
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **platform)
         self._procs[run_dir] = proc
-        write_text(run_dir / "train.pid", f"{proc.pid}\n")  # the trainer writes the same pid; written here too
-        # so that a second Start in the next instant already sees this job
+        # Only the UI writes the pid file (a trainer started from a terminal is not the UI's job): it lets a
+        # restarted UI find the process, and a second Start in the next instant already sees this job.
+        write_text(run_dir / "train.pid", f"{proc.pid}\n")
 
     def stop(self, run_dir: Path) -> None:
         """Ask the trainer to save a checkpoint and exit (it writes a `stopped` event)."""

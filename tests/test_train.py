@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import tiny_models
-from trainer import loop
+from trainer import caches, loop
 from trainer.config import ConfigError, build_config
 from trainer.events import Pace, read_events
 from trainer.lora_file import inspect_lora, read_lora
@@ -100,6 +100,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace):
     assert events[-1]["event"] == "stopped" and events[-1]["step"] == 3
     resumed = loop.train(cfg, resume=True)
     assert_same_weights(straight, resumed)
+    start = [e for e in read_events(cfg.run_path()) if e["event"] == "start"][-1]
+    assert start["resumed_step"] == 3 and start["resumed_from"] == events[-1]["checkpoint"]  # the UI needs no regex
 
 
 def test_resume_without_checkpoint_is_a_clear_error(workspace):
@@ -161,7 +163,8 @@ def test_text_cache_and_warm_latent_cache(workspace, monkeypatch):
     def no_vae(*_a, **_k):
         raise AssertionError("the VAE ran although every latent was cached")
 
-    monkeypatch.setattr(loop, "_encode", no_vae)
+    monkeypatch.setattr(caches, "encode_latents", no_vae)  # filling the cache
+    monkeypatch.setattr(loop, "encode_latents", no_vae)  # a step without the cache
     cfg_b = config(workspace, "cache-b", network={"train_text_encoder": False}, training={"steps": 1})
     assert loop.train(cfg_b).exists()  # same images, bucket, crop, VAE: a warm cache, no encoding
 

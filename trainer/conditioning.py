@@ -1,4 +1,5 @@
-"""Text conditioning and SDXL's size/crop time ids: the same code for training and for sampling.
+"""Conditioning: text embeddings, SDXL's size/crop time ids and the VAE↔UNet latent scaling, the same code for
+training and for sampling.
 
 SD 1.x/2.x condition on the last hidden state of the one CLIP encoder (or layer -clip_skip, re-normalised).
 SDXL concatenates the penultimate hidden states of both encoders ([B, 77, 768 + 1280]) and adds the pooled,
@@ -46,3 +47,23 @@ def sdxl_time_ids(original_sizes: list[tuple[int, int]], crops: list[tuple[int, 
     rows = [[oh, ow, top, left, th, tw]
             for (ow, oh), (top, left), (tw, th) in zip(original_sizes, crops, target_sizes)]
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(mean, std) of the VAE's latents as its config gives them: per channel for VAEs that publish them (some
+    SDXL ones), else (shift_factor or 0, 1)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
+    return getattr(vae.config, "shift_factor", None) or 0.0, 1.0
+
+
+def to_unet_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents → the space the UNet works in (training); from_unet_latents is its inverse (decoding)."""
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) * vae.config.scaling_factor / std
+
+
+def from_unet_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    mean, std = _latent_stats(vae, latents)
+    return latents * std / vae.config.scaling_factor + mean

@@ -17,7 +17,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
 from PIL import Image, ImageDraw
 
-from .conditioning import encode_text
+from .conditioning import encode_text, from_unet_latents
 from .errors import StudioError
 from .lora_file import LoraFileError
 from .lora_formats import ModuleDelta, module_deltas, read_lora
@@ -131,26 +131,6 @@ def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
     with torch.autocast(latents.device.type, enabled=False):
         image = vae.decode(from_unet_latents(vae, latents.to(vae.dtype))).sample
     return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
-
-
-def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """(mean, std) of the VAE's latents as its config gives them: per channel for VAEs that publish them (some
-    SDXL ones), else (shift_factor or 0, 1)."""
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
-    return getattr(vae.config, "shift_factor", None) or 0.0, 1.0
-
-
-def to_unet_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE latents → the space the UNet works in (training); from_unet_latents is its inverse (decoding)."""
-    mean, std = _latent_stats(vae, latents)
-    return (latents - mean) * vae.config.scaling_factor / std
-
-
-def from_unet_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    mean, std = _latent_stats(vae, latents)
-    return latents * std / vae.config.scaling_factor + mean
 
 
 def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
