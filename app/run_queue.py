@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
+
+from trainer.atomic import write_text
 
 from app.errors import UserError
 from app.jobs import Busy, Jobs
@@ -39,13 +40,7 @@ class RunQueue:
             return [n for n in names if isinstance(n, str)]
 
     def _write(self, names: list[str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(names, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(names))
 
     def add(self, run_dir: Path, config_text: str) -> int:
         """Queue a run (its config written now); returns its place in the queue, 1 = next."""
@@ -56,9 +51,7 @@ class RunQueue:
                 raise UserError(f"a run named '{run_dir.name}' is already queued: choose another LoRA name")
             self.jobs.refuse_existing(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / "config.toml.tmp"
-            tmp.write_text(config_text, encoding="utf-8")
-            tmp.replace(run_dir / "config.toml")
+            write_text(run_dir / "config.toml", config_text)
             self._write(names + [run_dir.name])
             return len(names) + 1
 

@@ -82,16 +82,22 @@ def _lora_arg(item: str):
 
 
 def cmd_generate(args) -> int:
+    from PIL import Image
+
+    from .atomic import atomic_path
     from .generate import Generator
     from .models import default_base_model
 
+    image_format = Image.registered_extensions().get(Path(args.out).suffix.lower())
+    if image_format is None:
+        raise ConfigError(f"--out {args.out}: not an image file name; end it in .png, .jpg or .webp")
     specs = [_lora_arg(item) for item in args.lora or []]
     gen = Generator(lora_dirs=[Path(s.path).parent for s in specs] + [Path("models/Lora")])
     gen.load(args.base_model or default_base_model())
     image = gen.generate(args.prompt, specs, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                          cfg=args.cfg, width=args.width or 0, height=args.height or 0, sampler=args.sampler)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    with atomic_path(args.out) as tmp:
+        image.save(tmp, format=image_format)
     print(f"saved {args.out}")
     return 0
 

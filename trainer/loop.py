@@ -378,7 +378,8 @@ def _checkpoint(run: Run, events: EventLog) -> Path | None:
     if captured is not None:
         lora, state = captured
         path = save_checkpoint(run.cfg.run_path(), run.pos.step, lora, state)
-        _export(run, lora, path / f"{run.cfg.output.name}-step{run.pos.step}.safetensors", _info(run))
+        _export(run.cfg, lora, path / f"{run.cfg.output.name}-step{run.pos.step}.safetensors", _info(run),
+                run.base.family)
         events.emit("checkpoint", step=run.pos.step, path=str(path))
     run.accelerator.wait_for_everyone()
     return path
@@ -393,7 +394,7 @@ def _finish(run: Run, events: EventLog) -> Path:
             with atomic_path(out.with_name(f"{out.stem}.preview.png")) as tmp:
                 im.save(tmp, format="PNG")  # A1111's preview convention
             lora = {name: lora_state(m) for name, m in run.parts.items()}
-            _export(run, lora, out, _info(run, _thumbnail(im)))
+            _export(run.cfg, lora, out, _info(run, _thumbnail(im)), run.base.family)
         events.emit("saved", path=str(out), step=run.pos.step)
         events.emit("done", path=str(out), step=run.pos.step, seconds=round(time.time() - run.started, 1))
     run.accelerator.wait_for_everyone()
@@ -415,15 +416,15 @@ def _thumbnail(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _export(run: Run, lora: dict[str, dict[str, torch.Tensor]], path: Path, info: RunInfo) -> Path:
-    cfg = run.cfg
+def _export(cfg: TrainConfig, lora: dict[str, dict[str, torch.Tensor]], path: Path, info: RunInfo, family) -> Path:
+    """The LoRA file (kohya format, or diffusers'), with its metadata; `family` needs only `is_sdxl`."""
     dtype = torch.float16 if cfg.output.save_precision == "fp16" else torch.float32
     meta = build_metadata(cfg, info, path.stem)
     if cfg.output.format == "diffusers":
         meta = {"lora_studio.format": "diffusers (loads in diffusers only, not A1111/ComfyUI)",
                 **{k: v for k, v in meta.items() if k.startswith("modelspec.")}}
         return save_lora(path, to_diffusers(lora, dtype), meta)
-    n_te = 2 if run.base.family.is_sdxl else 1
+    n_te = 2 if family.is_sdxl else 1
     prefixes = dict(zip(part_names(n_te), text_encoder_prefixes(n_te)))
     parts = {("lora_unet_" if name == "unet" else prefixes[name]): state for name, state in lora.items()}
     return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), meta)

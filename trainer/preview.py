@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .generate import to_unet_latents
+from .conditioning import to_unet_latents
 
 BLOCKS = 12  # colour blocks per side of the fitting picture
 CELLS_PER_BLOCK = 2  # latent cells per block side: the middle of a block is free of its neighbours' colours
