@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.errors import StudioError
+
 DYNAMIC_METHODS = {
     "sv_ratio": "keep the singular values at least the largest / X (X > 1)",
     "sv_fro": "keep the fewest values whose Frobenius norm is at least the fraction X of the whole (0 < X ≤ 1)",
@@ -35,13 +37,13 @@ def parse_dynamic(text: str, max_rank: int | None) -> RankRule:
     """`sv_fro:0.9` → RankRule; the message of a refusal names the value and what is allowed."""
     method, _, value = (text or "").partition(":")
     if method not in DYNAMIC_METHODS:
-        raise ValueError(f"--dynamic {text!r}: use sv_ratio:X, sv_fro:X or sv_cumulative:X, e.g. sv_fro:0.9")
+        raise StudioError(f"--dynamic {text!r}: use sv_ratio:X, sv_fro:X or sv_cumulative:X, e.g. sv_fro:0.9")
     try:
         x = float(value)
     except ValueError:
-        raise ValueError(f"--dynamic {text!r}: {value!r} is not a number; write it like {method}:0.9") from None
+        raise StudioError(f"--dynamic {text!r}: {value!r} is not a number; write it like {method}:0.9") from None
     if method == "sv_ratio" and not x > 1 or method != "sv_ratio" and not 0 < x <= 1:
-        raise ValueError(f"--dynamic {text!r}: {DYNAMIC_METHODS[method]}")
+        raise StudioError(f"--dynamic {text!r}: {DYNAMIC_METHODS[method]}")
     return RankRule(max_rank, method, x)
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from trainer.errors import StudioError
 from trainer.families import FAMILIES
 from trainer.lora_file import kohya_module_name, save_lora
 
@@ -24,7 +25,7 @@ KEPT_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_sd_mod
 Progress = Callable[[float, str], None]  # (fraction done, what is being done)
 
 
-class ToolError(ValueError):
+class ToolError(StudioError):
     """A tool's refusal: one sentence naming the file or value and the fix."""
 
 
