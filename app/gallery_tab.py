@@ -21,6 +21,7 @@ from app.live_generation import LiveGeneration, progress_html
 from trainer.atomic import atomic_path
 from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
 from trainer.lora_file import LoraFileError, inspect_lora
+from trainer.lora_formats import LoraFormatError
 
 SLOTS = 4  # LoRAs stacked at once from the pickers (more through <lora:name:w> in the prompt)
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp")  # A1111's conventions, in its order
@@ -65,8 +66,9 @@ class LoraIndex:
             if cached is None or cached[0] != stamp:
                 try:
                     info = inspect_lora(path)
-                except LoraFileError as e:  # listed, with the reason, rather than hidden
-                    info = {"format": "unreadable", "family": "?", "rank": None, "alpha": None,
+                except LoraFileError as e:  # listed, with the reason (one line), rather than hidden
+                    kind = "unsupported" if isinstance(e, LoraFormatError) else "unreadable"
+                    info = {"format": kind, "family": "?", "rank": None, "alpha": None,
                             "trigger_words": [], "metadata": {}, "error": str(e)}
                 cached = (stamp, info)
                 self._cache[path] = cached
@@ -108,7 +110,9 @@ def select_lora(index: LoraIndex, paths: list[str], position) -> tuple:
         raise UserError(f"{paths[row]} was removed: press Refresh")
     info = entry["info"]
     details = (f"**{entry['name']}** — {entry['family']} LoRA, rank {entry['rank']}, alpha {entry['alpha']}, "
-               f"{entry['format']} format, {entry['date']}"
+               f"{entry['format']} format"
+               + (f" ({info['algorithm']})" if info.get("algorithm") not in (None, entry["format"]) else "")
+               + f", {entry['date']}"
                + (f"  \nTrigger words: `{entry['trigger words']}`" if entry["trigger words"] else "")
                + (f"  \n⚠ {info['error']}" if info.get("error") else ""))
     shown = {k: v for k, v in info.items() if k != "metadata"}

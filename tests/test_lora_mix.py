@@ -153,3 +153,25 @@ def test_other_family_diffusers_and_peft_files_are_refused_like_kohya_ones(tmp_p
     with pytest.raises(LoraFileError, match=r"^dora.safetensors is a DoRA .* which LoRA Studio does not read") as e:
         gen.set_loras([LoraSpec(str(dora))])
     assert "\n" not in str(e.value)
+
+
+def test_gallery_lists_every_format_and_names_unsupported_files_in_one_line(files, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from app import gallery_tab as g
+    from app.folders import Folders
+
+    folders = Folders.create(tmp_path / "models", tmp_path / "out")
+    for name, (path, _) in files[1].items():
+        shutil.copy(path, folders.lora_dir / path.name)
+    save_file({"lora_unet_a.oft_blocks": torch.zeros(2, 2, 2)}, str(folders.lora_dir / "oft.safetensors"))
+    entries = {e["name"]: e for e in g.LoraIndex(folders).entries()}
+    assert {k: entries[k]["format"] for k in entries} == {
+        "plain": "kohya-lora", "loha": "loha", "lokr": "lokr", "locon": "locon", "diff": "diffusers",
+        "oft": "unsupported"}
+    assert entries["loha"]["family"] == "sd1" and entries["loha"]["rank"] == 4 and entries["loha"]["alpha"] == 4.0
+    assert entries["diff"]["alpha"] == 8.0  # from lora_adapter_metadata
+    error = entries["oft"]["info"]["error"]
+    assert error.startswith("oft.safetensors is an OFT file, which LoRA Studio does not read") and "\n" not in error

@@ -153,7 +153,7 @@ def grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
 
 
 class Generator:
-    """Keeps one base pipeline; LoRA files become named adapters, loaded once each."""
+    """Keeps one base pipeline; a LoRA mix is merged into its weights (lora_mix.py), each file read once."""
 
     def __init__(self, lora_dirs: list[str | Path] = ()):
         self.lora_dirs = [Path(d) for d in lora_dirs]
@@ -175,12 +175,16 @@ class Generator:
         if device == "cpu":
             keep_freed_memory()  # every denoising step reuses the last one's blocks instead of faulting in new ones
         base = load_base_model(path, dtype=dtype)
-        self.pipe = make_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
-        self.pipe.to(device)
-        self.base_path, self.family = path, base.family
+        pipe = make_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
+        self.use_pipeline(pipe.to(device), base.family, path)
+        self.loads += 1
+
+    def use_pipeline(self, pipe, family, path: Path) -> None:
+        """Generate with a pipeline made elsewhere (make_pipeline; benchmarks build one in memory); `path` names
+        the base model in messages."""
+        self.pipe, self.family, self.base_path = pipe, family, Path(path)
         self._files = {}  # resolved path → (file version, its ModuleDeltas on this base)
         self._mix = MergedMix(self.parts())
-        self.loads += 1
 
     def resolve(self, name: str) -> Path:
         """A `<lora:name:…>` name → a file in the LoRA folders."""
