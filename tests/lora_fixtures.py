@@ -134,7 +134,7 @@ def write_lora(path, kind: str, parts: dict, rank: int = 4, alpha: float | None 
 
     kind: lora | locon | locon-tucker | loha | loha-tucker | lokr-full | lokr-factored | lokr-tucker (kohya/LyCORIS
     keys; sdxl_names "diffusers" or "ldm" for SDXL's lora_te1/te2 and UNet names), diffusers, diffusers-lora-down,
-    diffusers-processor, peft (PEFT keys with `.default`, for the single part given)."""
+    diffusers-processor, peft / peft-plain (PEFT keys with / without `.default`, for the single part given)."""
     gen = torch.Generator().manual_seed(seed)
     convs = kind in ("locon", "locon-tucker") or kind.startswith(("loha", "lokr"))
     tensors, expected = {}, {}
@@ -172,7 +172,7 @@ def write_lora(path, kind: str, parts: dict, rank: int = 4, alpha: float | None 
         for p in peft_config:
             packed.setdefault(f"{p}.target_modules", sorted(n for q, n in expected if q == p))
         meta["lora_adapter_metadata"] = json.dumps(packed)
-    if kind == "peft" and peft_config is not None:
+    if kind.startswith("peft") and peft_config is not None:
         Path(path).with_name("adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **peft_config}))
     save_file(tensors, str(path), metadata=meta)
     return expected
@@ -207,8 +207,9 @@ def _ldm_map(unet) -> dict[str, str]:
 
 def _path_keys(kind, part, name, t, dtype) -> dict:
     down, up = t["down"].to(dtype), t["up"].to(dtype)
-    if kind == "peft":
-        return {f"base_model.model.{name}.lora_A.default.weight": down, f"base_model.model.{name}.lora_B.default.weight": up}
+    if kind.startswith("peft"):  # PEFT's own save_pretrained drops the adapter name; some tools keep `.default`
+        tag = ".default" if kind == "peft" else ""
+        return {f"base_model.model.{name}.lora_A{tag}.weight": down, f"base_model.model.{name}.lora_B{tag}.weight": up}
     if kind == "diffusers-lora-down":
         return {f"{part}.{name}.lora.down.weight": down, f"{part}.{name}.lora.up.weight": up}
     if kind == "diffusers-processor":

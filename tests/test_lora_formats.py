@@ -27,7 +27,8 @@ def models():
 
     demo = load_base_model("models/demo")
     return {"demo": {"unet": demo.unet, "text_encoder": demo.text_encoders[0]},
-            "sd1": _parts(tiny_models.pipeline("sd1")), "sdxl": _parts(tiny_models.pipeline("sdxl"))}
+            "sd1": _parts(tiny_models.pipeline("sd1")), "sdxl": _parts(tiny_models.pipeline("sdxl")),
+            "sd2": _parts(tiny_models.pipeline("sd2-v"))}
 
 
 def assert_deltas(path, parts, expected):
@@ -135,11 +136,11 @@ def test_diffusers_layouts_with_and_without_adapter_metadata(tmp_path, models, m
 @pytest.mark.parametrize("config", [None, {"r": 4, "lora_alpha": 8},
                                     {"r": 4, "lora_alpha": 8, "use_rslora": True, "alpha_pattern": {"attn2.to_q": 1}}])
 def test_peft_files_with_and_without_adapter_config(tmp_path, models, model, config):
-    for part in ("unet", "text_encoder"):
+    for part, kind in (("unet", "peft"), ("text_encoder", "peft-plain")):
         folder = tmp_path / part
         folder.mkdir(exist_ok=True)
         path = folder / "adapter_model.safetensors"
-        expected = lora_fixtures.write_lora(path, "peft", {part: models[model][part]}, peft_config=config)
+        expected = lora_fixtures.write_lora(path, kind, {part: models[model][part]}, peft_config=config)
         lora = assert_deltas(path, models[model], expected)
         assert lora.format == "peft"
         if config and not config.get("alpha_pattern"):
@@ -235,11 +236,17 @@ def test_unmatched_and_misshaped_keys_name_the_file_and_the_key(tmp_path, models
 
 
 def test_family_of_diffusers_and_peft_files_from_their_keys(tmp_path, models):
-    cases = [("sd1", "diffusers"), ("sdxl", "diffusers"), ("sd1", "lora"), ("sdxl", "lora")]
+    cases = [("sd1", "diffusers"), ("sdxl", "diffusers"), ("sd2", "diffusers"), ("sd1", "lora"), ("sdxl", "lora"),
+             ("sd2", "lora")]
     for family, kind in cases:
         path = tmp_path / f"{family}-{kind}.safetensors"
-        lora_fixtures.write_lora(path, kind, models[family], sdxl_names="diffusers" if family == "sdxl" else "")
+        expected = lora_fixtures.write_lora(path, kind, models[family], sdxl_names="diffusers" if family == "sdxl" else "",
+                                            limit=60 if family == "sdxl" else 0)
         assert read_lora(path).family == family
+        assert_deltas(path, models[family], expected)
+    unet_only = tmp_path / "sd2-unet.safetensors"  # SD 2.x's proj_in/proj_out are Linear: 2-D factors
+    lora_fixtures.write_lora(unet_only, "lora", {"unet": models["sd2"]["unet"]})
+    assert read_lora(unet_only).family == "sd2"
     # a UNet-only PEFT file: SDXL by its topology alone
     path = tmp_path / "adapter_model.safetensors"
     lora_fixtures.write_lora(path, "peft", {"unet": models["sdxl"]["unet"]})
@@ -247,3 +254,21 @@ def test_family_of_diffusers_and_peft_files_from_their_keys(tmp_path, models):
     meta = tmp_path / "meta.safetensors"
     lora_fixtures.write_lora(meta, "loha", models["sd1"], metadata={"ss_base_model_version": "sd_v2"}, limit=4)
     assert read_lora(meta).family == "sd2"
+
+
+def test_inspect_names_format_algorithm_rank_alpha_and_refuses_in_one_line(tmp_path, models, capsys):
+    from trainer.cli import main
+
+    path = tmp_path / "hada.safetensors"
+    expected = lora_fixtures.write_lora(path, "loha-tucker", models["sd1"], rank=4, alpha=None)
+    counts = {part: sum(1 for p, _ in expected if p == part) for part in ("unet", "text_encoder")}
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format: loha  algorithm: loha (tucker)" in out and "family: sd1" in out
+    assert "rank: 4  alpha: none (scale 1)" in out
+    assert f"modules: {{'te': {counts['text_encoder']}, 'unet': {counts['unet']}}}" in out
+    oft = tmp_path / "oft.safetensors"
+    save_file({"lora_unet_a.oft_blocks": torch.zeros(2, 2, 2)}, str(oft))
+    assert main(["inspect", str(oft)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and err.startswith("error: oft.safetensors is an OFT file")
