@@ -1,8 +1,8 @@
 """A LoRA mix merged into a model's weights, as A1111 and ComfyUI apply one: no per-step cost, exactly undoable.
 
-Each patched module keeps its base weight W0 (a copy in the model's dtype, taken the first time it is patched) and
-always holds W = round(W0 + Σ_i w_i · ΔW_i), summed in float32 from W0 in the mix's order and rounded to the model's
-dtype once. So a module's weight depends only on the current mix, never on the mixes before it (no fp16/bf16 drift),
+Each patched module keeps its base weight W0 (a copy in the model's dtype and in host memory, taken the first time
+it is patched) and always holds W = round(W0 + Σ_i w_i · ΔW_i), summed in float32 from W0 in the mix's order and
+rounded to the model's dtype once. So a module's weight depends only on the current mix, never on the mixes before it (no fp16/bf16 drift),
 and a module no mix touches any more gets W0 back bit for bit. Changing one LoRA's weight rewrites only the modules
 that LoRA touches; the others are left alone.
 """
@@ -55,8 +55,9 @@ class MergedMix:
             weight.copy_(self._base.pop(target))
             del self._held[target]
             return
-        base = self._base.setdefault(target, weight.detach().clone())
-        total = base.to(torch.float32, copy=True)
+        # W0 waits in host memory (as A1111 keeps its backups): on a GPU it would double the patched weights' VRAM
+        base = self._base.setdefault(target, weight.detach().to("cpu", copy=True))
+        total = base.to(weight.device, torch.float32, copy=True)
         flat = total.view(total.shape[0], -1)
         for item, d in contributions:
             w = item.weight(d.part)
