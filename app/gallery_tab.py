@@ -18,6 +18,7 @@ from PIL import Image
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
 from app.live_generation import LiveGeneration, progress_html
+from app.tools_panel import ToolsPanel
 from trainer.atomic import atomic_path
 from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
 from trainer.lora_file import LoraFileError, inspect_lora
@@ -253,6 +254,7 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
                 add_btn = gr.Button("Add to mix", elem_id="add-to-mix")
                 download = gr.DownloadButton("Download .safetensors", visible=False, elem_id="download-lora")
             metadata = gr.JSON(label="Metadata", open=False, elem_id="lora-metadata")
+            tools = ToolsPanel(folders)
     paths = gr.State([])
     selected = gr.State("")
 
@@ -318,5 +320,6 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
     sweep_btn.click(shown_as_gr_error(functools.partial(sweep, folders, live)), [base, sweep_lora, weights, *common],
                     [sweep_image, sweep_progress], concurrency_id="generate", concurrency_limit=1,
                     show_progress="hidden")
+    tools.wire(selected, base, slots, listing, list_outputs)
     for button in (cancel_btn, sweep_cancel):  # not in the "generate" group: it must run while one generates
         button.click(live.cancel, None, None, show_progress="hidden")

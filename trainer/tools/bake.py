@@ -21,17 +21,17 @@ from trainer.weights import read_cast
 
 from .ldm_layout import unet_config, weight_views
 from .output import Progress, ToolError, ToolResult, check_output
-from .source import LoraDeltas, bind, load_deltas
+from .source import LoraDeltas, Weight, bind, load_deltas, part_weight, weight_text
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
 
-def _summed(loras: list[tuple[LoraDeltas, float]]) -> dict[tuple[str, str], torch.Tensor]:
+def _summed(loras: list[tuple[LoraDeltas, Weight]]) -> dict[tuple[str, str], torch.Tensor]:
     total: dict[tuple[str, str], torch.Tensor] = {}
-    for lora, w in loras:
+    for lora, weight in loras:
         for d in lora.deltas:
             key = (d.part, d.module)
-            total[key] = total.get(key, 0) + w * d.delta()
+            total[key] = total.get(key, 0) + part_weight(weight, d.part) * d.delta()
     return total
 
 
@@ -58,7 +58,7 @@ def _atomic_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def bake_single_file(base: Path, loras: list[tuple[LoraDeltas, float]], out: Path, config_dir: Path | None,
+def bake_single_file(base: Path, loras: list[tuple[LoraDeltas, Weight]], out: Path, config_dir: Path | None,
                      progress: Progress | None) -> list[str]:
     from safetensors.torch import save_file
 
@@ -74,7 +74,7 @@ def bake_single_file(base: Path, loras: list[tuple[LoraDeltas, float]], out: Pat
         if progress and i % 32 == 0:
             progress(0.2 + 0.6 * i / len(deltas), f"patching {i + 1} of {len(deltas)} weights")
     metadata = dict(metadata)
-    metadata["lora_studio.baked"] = json.dumps([{"file": lora.path.name, "weight": w} for lora, w in loras])
+    metadata["lora_studio.baked"] = json.dumps([{"file": lora.path.name, "weight": w} for lora, w in loras])  # w: one or [UNet, TE]
     tmp = out.with_name(f".{out.name}.tmp")
     if progress:
         progress(0.85, f"writing {out.name}")
@@ -98,7 +98,7 @@ def _stored_dtype(base: Path) -> torch.dtype:
     return torch.float32
 
 
-def bake_folder(base: Path, loras: list[tuple[LoraDeltas, float]], out: Path, config_dir: Path | None,
+def bake_folder(base: Path, loras: list[tuple[LoraDeltas, Weight]], out: Path, config_dir: Path | None,
                 progress: Progress | None) -> list[str]:
     from trainer.models import load_base_model
 
@@ -132,7 +132,7 @@ def bake_folder(base: Path, loras: list[tuple[LoraDeltas, float]], out: Path, co
     return [f"{len(deltas)} weights patched; a diffusers folder in {str(dtype).removeprefix('torch.')}"]
 
 
-def bake(base_model: str | Path, loras: list[tuple[str | Path, float]], out: str | Path, overwrite: bool = False,
+def bake(base_model: str | Path, loras: list[tuple[str | Path, Weight]], out: str | Path, overwrite: bool = False,
          config_dir: str | Path | None = None, progress: Progress | None = None) -> ToolResult:
     """`config_dir`: a diffusers folder whose configs describe a single-file base (tests' tiny models)."""
     base = resolve_path(base_model)
@@ -143,12 +143,12 @@ def bake(base_model: str | Path, loras: list[tuple[str | Path, float]], out: str
         raise ToolError(f"--out {out}: a single .safetensors output keeps the layout of a single .safetensors base, "
                         f"and {base.name} is not one; give --out a folder name (a diffusers folder is written)")
     out = check_output(out, [base, *[p for p, _ in loras]], overwrite, suffix=".safetensors" if single else None)
-    loaded = [(load_deltas(p), float(w)) for p, w in loras]
+    loaded = [(load_deltas(p), w) for p, w in loras]
     config_dir = Path(config_dir) if config_dir else None
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         progress(0.05, f"reading {base.name}")
     lines = (bake_single_file if single else bake_folder)(base, loaded, out, config_dir, progress)
-    mix = " + ".join(f"{lora.path.name}×{w:g}" for lora, w in loaded)
+    mix = " + ".join(f"{lora.path.name}×{weight_text(w)}" for lora, w in loaded)
     return ToolResult(out, [f"wrote {out}: {base.name} with {mix} merged in", *lines])
 

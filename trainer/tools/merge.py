@@ -14,7 +14,7 @@ import torch
 
 from .lowrank import RankRule, svd, svd_of_product, truncate
 from .output import LowRank, Progress, ToolError, ToolResult, check_output, lora_metadata, part_lines, write_lora
-from .source import LoraDeltas, load_deltas
+from .source import LoraDeltas, Weight, load_deltas, part_weight, weight_text
 
 
 def parse_weighted(item: str) -> tuple[str, float]:
@@ -65,7 +65,7 @@ def merge_module(terms: list[tuple[float, object]], rank: int | None) -> tuple[L
     return LowRank(part, module, f.up, f.down, float(f.rank)), f.kept, f.total
 
 
-def merged_metadata(loras: list[LoraDeltas], weights: list[float]) -> dict[str, str]:
+def merged_metadata(loras: list[LoraDeltas], weights: list[Weight]) -> dict[str, str]:
     """What a merged file says of its sources: their names, weights and hashes; their tag clouds and triggers."""
     tags: dict[str, dict[str, int]] = {}
     triggers = []
@@ -90,7 +90,7 @@ def merged_metadata(loras: list[LoraDeltas], weights: list[float]) -> dict[str, 
     return meta
 
 
-def merge(inputs: list[tuple[str | Path, float]], out: str | Path, rank: int | None = None, overwrite: bool = False,
+def merge(inputs: list[tuple[str | Path, Weight]], out: str | Path, rank: int | None = None, overwrite: bool = False,
           progress: Progress | None = None) -> ToolResult:
     if not inputs:
         raise ToolError("merge needs at least one LoRA: FILE[:WEIGHT] …")
@@ -100,10 +100,11 @@ def merge(inputs: list[tuple[str | Path, float]], out: str | Path, rank: int | N
     out = check_output(out, paths, overwrite)
     loras = [load_deltas(p) for p in paths]
     family = common_family(loras)
-    weights = [float(w) for _, w in inputs]
+    weights = [w for _, w in inputs]
     modules: dict[tuple[str, str], list] = {}
-    for lora, w in zip(loras, weights):
+    for lora, weight in zip(loras, weights):
         for d in lora.deltas:
+            w = part_weight(weight, d.part)
             if w != 0:
                 modules.setdefault((d.part, d.module), []).append((w, d))
     entries, kept, total = [], {}, {}
@@ -115,7 +116,7 @@ def merge(inputs: list[tuple[str | Path, float]], out: str | Path, rank: int | N
         if progress and i % 16 == 0:
             progress(i / len(modules), f"module {i + 1} of {len(modules)}")
     dtype = torch.float32 if any(lora.dtype == torch.float32 for lora in loras) else torch.float16
-    what = " + ".join(f"{p.name}×{w:g}" for p, w in zip(paths, weights))
+    what = " + ".join(f"{p.name}×{weight_text(w)}" for p, w in zip(paths, weights))
     comment = f"merge of {what}" + (f", rank {rank}" if rank else ", exact (ranks concatenated)")
     meta = lora_metadata(out, family, entries, loras[0].metadata if len(loras) == 1 else None, comment,
                          merged_metadata(loras, weights))

@@ -53,15 +53,15 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool, suf
     """The output path, or a ToolError: it must not be an input, nor an existing file unless `overwrite`."""
     out = Path(out).expanduser()
     if suffix and out.suffix.lower() != suffix:
-        raise ToolError(f"--out {out}: the output must end in {suffix}, e.g. {out.with_suffix(suffix).name}")
+        raise ToolError(f"{out}: the output must end in {suffix}, e.g. {out.with_suffix(suffix).name}")
     if any(c in out.stem for c in ":,"):
-        raise ToolError(f"--out {out}: A1111's <lora:name:weight> syntax splits names at ':' and ','; rename it "
+        raise ToolError(f"{out}: A1111's <lora:name:weight> syntax splits names at ':' and ','; rename it "
                         f"without them")
     for given in inputs:
         if Path(given).expanduser().resolve() == out.resolve():
-            raise ToolError(f"--out {out} is also an input: write the result to a new name")
+            raise ToolError(f"{out} is also an input: write the result under a new name")
     if out.exists() and not overwrite:
-        raise ToolError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+        raise ToolError(f"{out} already exists: choose another output name, or ask to replace it (--overwrite)")
     return out
 
 

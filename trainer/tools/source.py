@@ -85,3 +85,18 @@ def bind(lora: LoraDeltas, names: dict[str, set[str]]) -> LoraDeltas:
                                 f"pick a base model of the family the LoRA was trained for")
         d.module = found
     return lora
+
+
+Weight = float | tuple[float, float]  # one multiplier, or (UNet, text encoders) as the generators take them
+
+
+def part_weight(weight: Weight, part: str) -> float:
+    if isinstance(weight, (tuple, list)):
+        return float(weight[0] if part == "unet" else weight[1])
+    return float(weight)
+
+
+def weight_text(weight: Weight) -> str:
+    if isinstance(weight, (tuple, list)) and float(weight[0]) != float(weight[1]):
+        return f"{float(weight[0]):g} UNet/{float(weight[1]):g} TE"
+    return f"{part_weight(weight, 'unet'):g}"
