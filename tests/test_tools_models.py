@@ -125,7 +125,7 @@ def test_bake_refusals(world, tmp_path):
     other = "sdxl" if family == "sd1" else "sd1"
     pipe, encoders, cfg = tiny_models.lora_pipeline(other)
     wrong = tiny_models.export_kohya(pipe, encoders, cfg, tmp_path / "wrong.safetensors", family=other)
-    with pytest.raises(ToolError, match=f"is a {other} LoRA but the base model"):
+    with pytest.raises(ValueError, match=f"is a {other} LoRA but the base model"):
         bake(single, [(wrong, 1.0)], tmp_path / "y.safetensors", config_dir=folder)
     assert not list(tmp_path.glob("y*")) and not list(tmp_path.glob(".y*"))
 

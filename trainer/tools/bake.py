@@ -21,7 +21,7 @@ from trainer.weights import read_cast
 
 from .ldm_layout import unet_config, weight_views
 from .output import Progress, ToolError, ToolResult, check_output
-from .source import LoraDeltas, Weight, bind, load_deltas, part_weight, weight_text
+from .source import LoraDeltas, Weight, load_deltas, part_weight, skeleton, weight_text
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
@@ -33,13 +33,6 @@ def _summed(loras: list[tuple[LoraDeltas, Weight]]) -> dict[tuple[str, str], tor
             key = (d.part, d.module)
             total[key] = total.get(key, 0) + part_weight(weight, d.part) * d.delta()
     return total
-
-
-def _check_family(loras: list[LoraDeltas], arch: str, base: Path) -> None:
-    for lora in loras:
-        if lora.family not in ("unknown", arch):
-            raise ToolError(f"{lora.path.name} is a {lora.family} LoRA but the base model {base.name} is {arch}: "
-                            f"bake it into a {lora.family} base model")
 
 
 def _patch(weight: torch.Tensor, delta: torch.Tensor, where: str) -> None:
@@ -58,31 +51,37 @@ def _atomic_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def bake_single_file(base: Path, loras: list[tuple[LoraDeltas, Weight]], out: Path, config_dir: Path | None,
-                     progress: Progress | None) -> list[str]:
+def bake_single_file(base: Path, mix: list[tuple[Path, Weight]], out: Path, config_dir: Path | None,
+                     progress: Progress | None) -> tuple[list[tuple[LoraDeltas, Weight]], list[str]]:
     from safetensors.torch import save_file
 
     fam = detect_family(base)
-    _check_family([lora for lora, _ in loras], fam.arch, base)
+    loras = [(load_deltas(p, skeleton(fam.name, config_dir), (base.name, fam.arch)), w) for p, w in mix]
+    deltas = _summed(loras)
     state, metadata = read_cast(base, None)  # ordinary memory, writable: patched in place
     views = weight_views(state, fam.arch, unet_config(config_dir or MODEL_CONFIGS_DIR / fam.name))
-    for lora, _ in loras:
-        bind(lora, {part: set(v) for part, v in views.items()})
-    deltas = _summed(loras)
     for i, ((part, module), delta) in enumerate(deltas.items()):
-        _patch(views[part][module], delta, f"{base.name}: {part} {module}")
+        view = views.get(part, {}).get(module)
+        if view is None:
+            raise ToolError(f"{base.name} has no weight for the LoRA's {part} module {module} in its layout: bake "
+                            f"into a diffusers folder instead (an output name without .safetensors)")
+        _patch(view, delta, f"{base.name}: {part} {module}")
         if progress and i % 32 == 0:
             progress(0.2 + 0.6 * i / len(deltas), f"patching {i + 1} of {len(deltas)} weights")
     metadata = dict(metadata)
-    metadata["lora_studio.baked"] = json.dumps([{"file": lora.path.name, "weight": w} for lora, w in loras])  # w: one or [UNet, TE]
+    # each weight is one number or [UNet, text encoders]
+    metadata["lora_studio.baked"] = json.dumps([{"file": lora.path.name, "weight": w} for lora, w in loras])
     tmp = out.with_name(f".{out.name}.tmp")
     if progress:
         progress(0.85, f"writing {out.name}")
-    save_file(state, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return [f"{len(deltas)} weights patched; every other tensor, key, shape and dtype as in {base.name}"]
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure (a full disk): no half-written file left behind
+    return loras, [f"{len(deltas)} weights patched; every other tensor, key, shape and dtype as in {base.name}"]
 
 
 def _stored_dtype(base: Path) -> torch.dtype:
@@ -98,18 +97,16 @@ def _stored_dtype(base: Path) -> torch.dtype:
     return torch.float32
 
 
-def bake_folder(base: Path, loras: list[tuple[LoraDeltas, Weight]], out: Path, config_dir: Path | None,
-                progress: Progress | None) -> list[str]:
+def bake_folder(base: Path, mix: list[tuple[Path, Weight]], out: Path, config_dir: Path | None,
+                progress: Progress | None) -> tuple[list[tuple[LoraDeltas, Weight]], list[str]]:
     from trainer.models import load_base_model
 
     model = load_base_model(base, config_dir=config_dir)  # float32: the sums are exact before one rounding
     fam = model.family
-    _check_family([lora for lora, _ in loras], fam.arch, base)
     parts = {"unet": model.unet, "text_encoder": model.text_encoders[0]}
     if len(model.text_encoders) > 1:
         parts["text_encoder_2"] = model.text_encoders[1]
-    for lora, _ in loras:
-        bind(lora, {p: {n for n, _ in m.named_modules()} for p, m in parts.items()})
+    loras = [(load_deltas(p, parts, (base.name, fam.arch)), w) for p, w in mix]
     deltas = _summed(loras)
     with torch.no_grad():
         for (part, module), delta in deltas.items():
@@ -120,6 +117,15 @@ def bake_folder(base: Path, loras: list[tuple[LoraDeltas, Weight]], out: Path, c
     configs = base if base.is_dir() else (config_dir or MODEL_CONFIGS_DIR / fam.name)
     if progress:
         progress(0.6, f"writing {out.name}")
+    try:
+        _write_folder(model, dtype, configs, tmp)
+        _atomic_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return loras, [f"{len(deltas)} weights patched; a diffusers folder in {str(dtype).removeprefix('torch.')}"]
+
+
+def _write_folder(model, dtype: torch.dtype, configs: Path, tmp: Path) -> None:
     tmp.mkdir(parents=True)
     shutil.copy2(configs / "model_index.json", tmp / "model_index.json")
     shutil.copytree(configs / "scheduler", tmp / "scheduler")
@@ -128,8 +134,6 @@ def bake_folder(base: Path, loras: list[tuple[LoraDeltas, Weight]], out: Path, c
     for name, te, tok in zip(("text_encoder", "text_encoder_2"), model.text_encoders, model.tokenizers):
         te.to(dtype).save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name.replace("text_encoder", "tokenizer"))
-    _atomic_dir(tmp, out)
-    return [f"{len(deltas)} weights patched; a diffusers folder in {str(dtype).removeprefix('torch.')}"]
 
 
 def bake(base_model: str | Path, loras: list[tuple[str | Path, Weight]], out: str | Path, overwrite: bool = False,
@@ -143,12 +147,12 @@ def bake(base_model: str | Path, loras: list[tuple[str | Path, Weight]], out: st
         raise ToolError(f"--out {out}: a single .safetensors output keeps the layout of a single .safetensors base, "
                         f"and {base.name} is not one; give --out a folder name (a diffusers folder is written)")
     out = check_output(out, [base, *[p for p, _ in loras]], overwrite, suffix=".safetensors" if single else None)
-    loaded = [(load_deltas(p), w) for p, w in loras]
     config_dir = Path(config_dir) if config_dir else None
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         progress(0.05, f"reading {base.name}")
-    lines = (bake_single_file if single else bake_folder)(base, loaded, out, config_dir, progress)
+    mix = [(Path(p), w) for p, w in loras]
+    loaded, lines = (bake_single_file if single else bake_folder)(base, mix, out, config_dir, progress)
     mix = " + ".join(f"{lora.path.name}×{weight_text(w)}" for lora, w in loaded)
     return ToolResult(out, [f"wrote {out}: {base.name} with {mix} merged in", *lines])
 

@@ -1,35 +1,28 @@
 """A LoRA file as the tools see it: its family, metadata, storage dtype and one weight delta per module.
 
-Every tool works on deltas (ΔW per module, multiplier 1), so whatever format a file is in, resize, merge and bake
-treat it alike; plain low-rank entries also keep their up/down factors, which lets merge concatenate exactly and
-the SVD skip forming large matrices.
+Files of every format are read by trainer.lora_formats; every tool works on the deltas (ΔW per module, multiplier
+1), so resize, merge and bake treat a LoHa like a kohya LoRA. Plain low-rank entries also keep their up/down
+factors, which lets merge concatenate exactly and the SVD skip forming large matrices.
+
+Which module an entry updates is decided against a model: bake and extract have one. resize and merge have only
+the file, and a LoRA may be for a model of any width (the demo model is tiny), so its modules are looked up in a
+weightless skeleton of its family (module names and kernel sizes depend on the topology alone) and each delta
+takes its size from the file.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.lora_file import LoraFileError, detect_family, read_lora
+from trainer.lora_file import LoraFileError
+from trainer.lora_formats import LoraFile, read_lora
+from trainer.lora_targets import ModuleDelta, _Index, module_deltas  # _Index: the names a file may use, per module
 
-PART_OF_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                  "lora_te2_": "text_encoder_2"}
-
-
-@dataclass
-class ModuleDelta:
-    part: str  # "unet" | "text_encoder" | "text_encoder_2"
-    module: str  # module path, as in named_modules()
-    up: torch.Tensor | None = None  # plain low-rank entries: ΔW = scale · up @ down
-    down: torch.Tensor | None = None
-    scale: float = 1.0
-
-    def delta(self) -> torch.Tensor:
-        up, down = self.up.float(), self.down.float()
-        full = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-        shape = (up.shape[0], *down.shape[1:]) if down.dim() == 4 else full.shape
-        return (self.scale * full).reshape(shape)
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+TRIED = ("sd1", "sdxl", "sd2")  # a file that does not say its family: the first whose modules it all matches
 
 
 @dataclass
@@ -37,54 +30,74 @@ class LoraDeltas:
     path: Path
     family: str  # "sd1" | "sd2" | "sdxl" | "unknown"
     metadata: dict[str, str]
-    dtype: torch.dtype  # of its stored weights: outputs keep it (bf16 becomes fp16, which every loader reads)
+    dtype: torch.dtype  # of its stored weights: outputs keep float32, anything else becomes fp16 (loaders' widest)
     deltas: list[ModuleDelta]
 
 
-def _kohya_module(prefix: str, name: str) -> str:
-    """A kohya name without its prefix → a dotted path that kohya_module_name() turns back into the same name."""
-    rest = name[len(prefix):]
-    if prefix.startswith("lora_te") and rest.startswith("text_model_"):
-        return "text_model." + rest[len("text_model_"):]
-    return rest
+@functools.lru_cache(maxsize=4)
+def skeleton(family: str, config_dir: Path | None = None) -> dict[str, torch.nn.Module]:
+    """{"unet", "text_encoder"[, "text_encoder_2"]} of a family's config on the meta device: no weights, no memory."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(config_dir) if config_dir else MODEL_CONFIGS_DIR / family
+    with init_empty_weights():
+        parts = {"unet": UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True))}
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        if (folder / "text_encoder_2").is_dir():
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    return parts
 
 
-def load_deltas(path: str | Path) -> LoraDeltas:
-    path = Path(path)
-    tensors, metadata = read_lora(path)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, _, leaf = key.partition(".")
-        modules.setdefault(name, {})[leaf] = t
-    deltas = []
-    for name, leaves in modules.items():
-        prefix = next((p for p in sorted(PART_OF_PREFIX, key=len, reverse=True) if name.startswith(p)), None)
-        if prefix is None or "lora_down.weight" not in leaves or "lora_up.weight" not in leaves:
-            raise LoraFileError(f"{path}: module {name} is not a plain kohya LoRA entry; only kohya LoRA files "
-                                f"are read by this version of the tools")
-        down, up = leaves["lora_down.weight"], leaves["lora_up.weight"]
-        alpha = float(leaves["alpha"]) if "alpha" in leaves else float(down.shape[0])
-        deltas.append(ModuleDelta(PART_OF_PREFIX[prefix], _kohya_module(prefix, name), up, down,
-                                  alpha / down.shape[0]))
+def _shape(entry, module: torch.nn.Module) -> torch.Size:
+    """ΔW's shape: out and in from the file, the kernel from the module (a topology fact, the same at any width)."""
+    out, fan_in = entry.out_and_in()
+    if isinstance(module, torch.nn.Conv2d):
+        kh, kw = module.kernel_size
+        return torch.Size((out, fan_in // (kh * kw), kh, kw))
+    return torch.Size((out, fan_in))
+
+
+def file_shaped_deltas(lora: LoraFile) -> tuple[str, list[ModuleDelta]]:
+    """(family, deltas) with modules found in a skeleton of the family and sizes taken from the file."""
+    families = [lora.family] if lora.family in TRIED else list(TRIED)
+    missing = None
+    for family in families:
+        parts = skeleton(family)
+        index = _Index(parts)
+        deltas = []
+        for entry in lora.entries:
+            found = index.candidates(entry)
+            if not found:
+                missing = missing or entry.keys[0]
+                break
+            part, name = found[0]
+            deltas.append(ModuleDelta(part, name, entry, _shape(entry, index.modules[part][name])))
+        else:
+            return family, deltas
+    raise LoraFileError(f"{lora.name}: {missing} matches no module of an SD 1.x, SD 2.x or SDXL model: this LoRA is "
+                        f"for another architecture, which the tools do not handle")
+
+
+def load_deltas(path: str | Path, parts: dict[str, torch.nn.Module] | None = None,
+                base: tuple[str, str] | None = None) -> LoraDeltas:
+    """A LoRA file's deltas, resolved against `parts` (a model's UNet and text encoders) or, without, a skeleton.
+    base: (name, "sd1" | "sd2" | "sdxl") of the model it is for: a LoRA of another family is refused by name."""
+    lora = read_lora(path)
+    if base is not None and lora.family not in ("unknown", base[1]):
+        raise LoraFileError(f"{lora.name} is a {lora.family} LoRA but the base model {base[0]} is {base[1]}: use "
+                            f"a {lora.family} base model")
+    if parts is not None:
+        family, deltas = lora.family, module_deltas(lora, parts)
+    else:
+        family, deltas = file_shaped_deltas(lora)
     if not deltas:
-        raise LoraFileError(f"{path} holds no LoRA modules; pick a LoRA .safetensors file")
-    stored = next(iter(tensors.values())).dtype
-    dtype = torch.float16 if stored == torch.bfloat16 else stored
-    return LoraDeltas(path, detect_family(tensors, metadata), metadata, dtype, deltas)
-
-
-def bind(lora: LoraDeltas, names: dict[str, set[str]]) -> LoraDeltas:
-    """The deltas with their modules named as in a model (`names`: part → module paths); a module the model
-    does not have is a LoraFileError naming it."""
-    index = {part: {n.replace(".", "_"): n for n in paths} for part, paths in names.items()}
-    for d in lora.deltas:
-        flat = d.module.replace(".", "_")
-        found = index.get(d.part, {}).get(flat) or index.get(d.part, {}).get(flat.removeprefix("text_model_"))
-        if found is None:
-            raise LoraFileError(f"{lora.path.name}: its module {d.module} ({d.part}) is not in the base model: "
-                                f"pick a base model of the family the LoRA was trained for")
-        d.module = found
-    return lora
+        raise LoraFileError(f"{lora.name} holds no LoRA modules; pick a LoRA .safetensors file")
+    dtype = torch.float32 if lora.dtype == "float32" else torch.float16
+    return LoraDeltas(lora.path, family, lora.metadata, dtype, deltas)
 
 
 Weight = float | tuple[float, float]  # one multiplier, or (UNet, text encoders) as the generators take them
