@@ -120,7 +120,8 @@ def test_merge_is_the_weighted_sum_of_the_deltas_and_diffusers_agrees(loras):
     for name in merged:
         want = 0.7 * da[name] + (-0.4 * db[name] if name in db else 0)
         torch.testing.assert_close(merged[name], want, atol=1e-6, rtol=1e-5)
-    ranks = {t.shape[0] for k, t in read_lora(out)[0].items() if k.startswith("lora_unet") and k.endswith("lora_down.weight")}
+    ranks = {t.shape[0] for k, t in read_lora(out)[0].items()
+             if k.startswith("lora_unet") and k.endswith("lora_down.weight")}
     assert ranks == {6}  # exact: the ranks side by side
     torch.testing.assert_close(unet_out(loaded((out, 1.0))), unet_out(loaded((a, 0.7), (b, -0.4))),
                                atol=1e-5, rtol=1e-4)

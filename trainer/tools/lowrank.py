@@ -2,7 +2,8 @@
 kohya resize_lora.py's dynamic rules) and the split into a LoRA's up/down factors.
 
 By Eckart–Young the SVD truncated to rank r is the best rank-r approximation in the Frobenius norm, and its error
-is exactly the discarded singular values: ‖ΔW − ΔW_r‖_F = sqrt(Σ_{i>r} s_i²). "Kept energy" is Σ_{i≤r} s_i² / Σ s_i².
+is exactly the discarded singular values: ‖ΔW − ΔW_r‖_F = sqrt(Σ_{i>r} s_i²).
+"Kept energy" is Σ_{i≤r} s_i² / Σ s_i².
 A convolution's delta [out, in, k, k] is decomposed as the matrix [out, in·k·k], as kohya's LoCon stores it.
 """
 from __future__ import annotations
@@ -47,10 +48,11 @@ def parse_dynamic(text: str, max_rank: int | None) -> RankRule:
     return RankRule(max_rank, method, x)
 
 
-def choose_rank(s: torch.Tensor, rule: RankRule) -> int:
-    """How many of the singular values `s` (descending) to keep; at least 1, never more than are non-zero."""
+def choose_rank(s: torch.Tensor, rule: RankRule, tol: float = 1e-7) -> int:
+    """How many of the singular values `s` (descending) to keep; at least 1, never more than are above rounding
+    noise (tol · the largest: numpy's matrix_rank rule)."""
     s = s.double()
-    nonzero = int((s > s[0] * 1e-7).sum()) if len(s) and s[0] > 0 else 1
+    nonzero = int((s > s[0] * tol).sum()) if len(s) and s[0] > 0 else 1
     if rule.method == "sv_ratio":
         r = int((s >= s[0] / rule.value).sum())
     elif rule.method == "sv_fro":
@@ -97,7 +99,8 @@ class Factors:
 def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, shape: torch.Size, rule: RankRule) -> Factors:
     """Keep the rule's number of singular triplets and split them as up = U·√S, down = √S·Vh: balanced factors
     keep both in fp16's range. `shape` is the delta's ([out, in] or [out, in, k, k])."""
-    r = choose_rank(s, rule)
+    # float32 SVD rounding: values below max(m, n) · eps · s_max are noise, not rank (numpy's matrix_rank)
+    r = choose_rank(s, rule, tol=max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float32).eps)
     root = s[:r].clamp(min=0).sqrt()
     up = u[:, :r] * root
     down = root[:, None] * vh[:r]

@@ -49,7 +49,8 @@ class LowRank:
         return self.down.shape[0]
 
 
-def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool, suffix: str | None = ".safetensors") -> Path:
+def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool,
+                 suffix: str | None = ".safetensors") -> Path:
     """The output path, or a ToolError: it must not be an input, nor an existing file unless `overwrite`."""
     out = Path(out).expanduser()
     if suffix and out.suffix.lower() != suffix:
@@ -131,7 +132,8 @@ def part_lines(entries: list[LowRank], kept: dict[str, float], total: dict[str, 
             continue
         ranks = [e.rank for e in mine]
         share = kept[part] / total[part] if total.get(part) else 1.0
-        span = f"rank {ranks[0]}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}–{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
+        mean = sum(ranks) / len(ranks)
+        span = f"rank {ranks[0]}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}–{max(ranks)} (mean {mean:.1f})"
         lines.append(f"{part}: {len(mine)} modules, {span}, kept {100 * share:.2f}% of the energy "
                      f"(Σ s² of the singular values)")
     return lines
