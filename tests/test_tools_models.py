@@ -164,6 +164,15 @@ def test_extract_recovers_a_known_low_rank_change(world):
     assert len(names) == len(unet_changes) + len(te_changes) and not any(n.startswith("lora_te2_") for n in names)
     assert any("text_encoder_2: identical" in line for line in result.lines) == (family == "sdxl")
     assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
+    # diffusers loads every module, and the base with the extracted LoRA computes what the tuned model does
+    fresh = tiny_models.pipeline(family)
+    fresh.load_lora_weights(str(result.path), adapter_name="x")
+    assert sum(1 for m in (fresh.unet, fresh.text_encoder) for _, mod in m.named_modules()
+               if hasattr(mod, "lora_A") and "x" in mod.lora_A) == len(names)
+    ids = torch.randint(0, 49406, (1, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.text_encoder(ids).last_hidden_state, tuned.text_encoder(ids).last_hidden_state,
+                                   atol=1e-4, rtol=1e-4)
     # Below the true rank: the error is the discarded singular values (Eckart–Young), module by module.
     low = read_lora(extract(folder, root / "tuned", root / "extracted-r1.safetensors", rank=1,
                             dtype=torch.float32).path)[0]
