@@ -13,6 +13,7 @@ import gradio as gr
 
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders, safe_folder_name
+from trainer.errors import StudioError
 from trainer.tools import RankRule, bake, merge, parse_dynamic, resize
 
 DYNAMIC = ["fixed rank", "sv_fro", "sv_ratio", "sv_cumulative"]
@@ -57,7 +58,7 @@ def resize_selected(folders: Folders, selected, rank, method, value, name, overw
     else:
         try:
             rule = parse_dynamic(f"{method}:{value}", int(rank))
-        except ValueError:
+        except StudioError:  # parse_dynamic's message names the CLI flag; this one names the field
             allowed = "a number above 1, e.g. 4" if method == "sv_ratio" else "a fraction above 0, at most 1, e.g. 0.9"
             raise UserError(f"Rule value is {value}: {method} takes {allowed}") from None
         suffix = f"{method}-{rule.value:g}"

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import original_layout
 import tiny_models
+from trainer.errors import StudioError
 from trainer.generate import Generator, LoraSpec
 from trainer.lora_file import read_lora
 from trainer.models import load_base_model
@@ -125,7 +126,7 @@ def test_bake_refusals(world, tmp_path):
     other = "sdxl" if family == "sd1" else "sd1"
     pipe, encoders, cfg = tiny_models.lora_pipeline(other)
     wrong = tiny_models.export_kohya(pipe, encoders, cfg, tmp_path / "wrong.safetensors", family=other)
-    with pytest.raises(ValueError, match=f"is a {other} LoRA but the base model"):
+    with pytest.raises(StudioError, match=f"is a {other} LoRA but the base model"):
         bake(single, [(wrong, 1.0)], tmp_path / "y.safetensors", config_dir=folder)
     assert not list(tmp_path.glob("y*")) and not list(tmp_path.glob(".y*"))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.atomic import atomic_path, fsync_dir, fsync_file, temp_path
 from trainer.families import detect_family, resolve_path
 from trainer.weights import read_cast
 
@@ -43,11 +44,16 @@ def _patch(weight: torch.Tensor, delta: torch.Tensor, where: str) -> None:
 
 
 def _atomic_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing one (overwrite asked) is set aside first, then removed."""
-    old = out.with_name(f".{out.name}.old")
+    """Move a finished folder into place, its files on the disk first (atomic.py's rule, for a folder); an existing
+    one (overwrite asked) is set aside first, then removed."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    old = temp_path(out)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -71,16 +77,10 @@ def bake_single_file(base: Path, mix: list[tuple[Path, Weight]], out: Path, conf
     metadata = dict(metadata)
     # each weight is one number or [UNet, text encoders]
     metadata["lora_studio.baked"] = json.dumps([{"file": lora.path.name, "weight": w} for lora, w in loras])
-    tmp = out.with_name(f".{out.name}.tmp")
     if progress:
         progress(0.85, f"writing {out.name}")
-    try:
+    with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure (a full disk): no half-written file left behind
     return loras, [f"{len(deltas)} weights patched; every other tensor, key, shape and dtype as in {base.name}"]
 
 
@@ -112,8 +112,7 @@ def bake_folder(base: Path, mix: list[tuple[Path, Weight]], out: Path, config_di
         for (part, module), delta in deltas.items():
             _patch(parts[part].get_submodule(module).weight, delta, f"{base.name}: {part} {module}")
     dtype = _stored_dtype(base)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(out)
     configs = base if base.is_dir() else (config_dir or MODEL_CONFIGS_DIR / fam.name)
     if progress:
         progress(0.6, f"writing {out.name}")
