@@ -85,9 +85,11 @@ def bake_single_file(base: Path, mix: list[tuple[Path, Weight]], out: Path, conf
 
 
 def _stored_dtype(base: Path) -> torch.dtype:
-    """The precision the base's UNet is stored in (fp16 files stay fp16 once baked)."""
+    """The precision the base's UNet is stored in (fp16 files stay fp16 once baked); a pickled .ckpt: float32."""
     from trainer.weights import DTYPES, read_header
 
+    if base.is_file() and base.suffix.lower() != ".safetensors":
+        return torch.float32
     files = [base] if base.is_file() else sorted((base / "unet").glob("*.safetensors"))
     for f in files:
         entries, _, _ = read_header(f)
