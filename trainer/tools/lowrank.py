@@ -74,7 +74,8 @@ def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SVD of up @ down ([out, r] @ [r, in·k·k]) without forming the product: QR of both factors, then the SVD
-    of the small r×r core. Exact, and fast where the full matrix would be large (SDXL's 1280×5120 layers)."""
+    of the small r×r core. Exact, and fast where the full matrix would be large: on SD 1.5's 264 modules at rank 32,
+    0.58 CPU s against 84 for the full SVD, one thread (scripts/bench/tools_svd.py)."""
     up = up.reshape(up.shape[0], -1).double()
     down = down.reshape(down.shape[0], -1).double()
     qu, ru = torch.linalg.qr(up)  # up = qu ru
