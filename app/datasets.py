@@ -68,7 +68,7 @@ def open_folder(path_text: str) -> str:
     return str(path.resolve())
 
 
-def _refuse_outside(folders: Folders, value: str, action: str) -> None:
+def refuse_outside(folders: Folders, value: str, action: str) -> None:
     if not is_managed(folders, value):
         raise UserError(f"{value} was opened by its path and is only read here, so the app cannot {action} it: "
                         "make a new dataset and upload the images into it")
@@ -87,7 +87,7 @@ def _move_with_captions(image: Path, trash: Path) -> None:
 
 
 def delete_image(folders: Folders, value: str, image_name: str) -> str:
-    _refuse_outside(folders, value, "delete from")
+    refuse_outside(folders, value, "delete from")
     folder = dataset_dir(folders, value)
     image = folder / Path(image_name).name
     if image.parent != folder or image not in list_images(folder):
@@ -98,7 +98,7 @@ def delete_image(folders: Folders, value: str, image_name: str) -> str:
 
 
 def delete_dataset(folders: Folders, value: str) -> str:
-    _refuse_outside(folders, value, "delete")
+    refuse_outside(folders, value, "delete")
     folder = dataset_dir(folders, value)
     if not folder.is_dir():
         raise UserError(f"there is no dataset named '{value}': pick one in the list")
@@ -109,7 +109,7 @@ def delete_dataset(folders: Folders, value: str) -> str:
 
 def upload_into(folders: Folders, files: list[str], value: str, mode: str) -> str:
     """Save uploads into a dataset. mode: "add" keeps its images, "replace" moves them to the trash first."""
-    _refuse_outside(folders, value, "upload into")
+    refuse_outside(folders, value, "upload into")
     if not files:
         raise UserError("no files were uploaded: choose images (or a .zip of images and captions) first")
     folder = dataset_dir(folders, value)

@@ -14,10 +14,14 @@ import gradio as gr
 from app.folders import PROJECT_ROOT, Folders
 from app.gallery_tab import build_gallery_tab
 from app.jobs import Jobs
+from app.run_queue import RunQueue
 from app.train_tab import build_train_tab
 from trainer.generate import Generator
 
 CSS = """
+/* the run on screen (status, loss, samples) stays in view while the dataset and settings scroll beside it */
+#train-panel { position: sticky; top: 8px; align-self: flex-start; max-height: calc(100vh - 16px);
+               overflow-y: auto; }
 .caption-card img { object-fit: cover; }
 #train-status-text progress { height: 14px; margin-top: 6px; }
 /* small pictures (the demo model's are 64 px) fill the box instead of sitting in its middle at their own size */
@@ -53,11 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_app(folders: Folders) -> gr.Blocks:
     jobs = Jobs(folders.runs_dir)
+    queue = RunQueue(jobs)
+    queue.run_in_background()  # the queue lives in the app, not in a page: closing the browser keeps it going
     generator = Generator(lora_dirs=[folders.lora_dir])  # one cached base pipeline for the app's lifetime
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.Markdown("# LoRA Studio")
         with gr.Tab("Train", id="train"):
-            build_train_tab(demo, folders, jobs)
+            build_train_tab(demo, folders, jobs, queue)
         with gr.Tab("Gallery", id="gallery") as gallery:
             build_gallery_tab(demo, gallery, folders, generator)
     return demo
