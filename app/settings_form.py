@@ -18,22 +18,28 @@ from trainer.config import CHOICES, PRESETS_DIR, ConfigError, TrainConfig, build
 class Setting:
     key: str  # "section.field" in TrainConfig
     label: str  # what the form calls it; error messages name it too (labelled())
-    make: Callable[[str, Any], gr.components.Component]  # (label, value) -> the widget showing the value
+    make: Callable[..., gr.components.Component]  # (label, value, elem_id) -> the widget showing the value
+
+    @property
+    def elem_id(self) -> str:
+        """The widget's id in the page ("set-training-steps"), for tests and styles."""
+        return "set-" + self.key.replace(".", "-").replace("_", "-")
     advanced: bool = False
 
 
 # No `minimum=` on the numbers: Gradio's own refusal ("Value -5 is less than minimum value 0.") names no field;
 # the engine's range check (trainer.config.RANGES) does, and labelled() adds the label.
 def _num(info: str = "", integer: bool = True):
-    return lambda label, value: gr.Number(value, label=label, info=info or None, precision=0 if integer else None)
+    return lambda label, value, elem_id=None: gr.Number(value, label=label, info=info or None,
+                                                        precision=0 if integer else None, elem_id=elem_id)
 
 
 def _check():
-    return lambda label, value: gr.Checkbox(value, label=label)
+    return lambda label, value, elem_id=None: gr.Checkbox(value, label=label, elem_id=elem_id)
 
 
 def _choice(key: str):
-    return lambda label, value: gr.Dropdown(list(CHOICES[key]), value=value, label=label)
+    return lambda label, value, elem_id=None: gr.Dropdown(list(CHOICES[key]), value=value, label=label, elem_id=elem_id)
 
 
 SETTINGS = [
@@ -67,7 +73,8 @@ SETTINGS = [
     Setting("model.clip_skip", "CLIP skip", _num("2 for anime SD 1.x models"), True),
     Setting("sample.every_n_steps", "Sample images every N steps", _num("0 = only at the end"), True),
     Setting("sample.prompts", "Sample prompts",
-            lambda label, value: gr.Textbox(value, label=label, info="one per line", lines=3), True),
+            lambda label, value, elem_id=None: gr.Textbox(value, label=label, info="one per line", lines=3,
+                                                          elem_id=elem_id), True),
     Setting("output.save_every_n_steps", "Save a checkpoint every N steps", _num("0 = only at the end"), True),
 ]
 

@@ -246,11 +246,11 @@ def _settings_section(folders: Folders) -> dict:
     for pair in range(0, len(key_settings), 2):
         with gr.Row():
             for setting in key_settings[pair:pair + 2]:
-                made[setting.key] = setting.make(setting.label, initial[setting.key])
+                made[setting.key] = setting.make(setting.label, initial[setting.key], setting.elem_id)
     with gr.Accordion("Advanced", open=False):
         for setting in form.SETTINGS:
             if setting.advanced:
-                made[setting.key] = setting.make(setting.label, initial[setting.key])
+                made[setting.key] = setting.make(setting.label, initial[setting.key], setting.elem_id)
         c["extra"] = gr.Code("", language=None, label="Extra settings (TOML, any key of the run config)", lines=3)
     c["widgets"] = [made[s.key] for s in form.SETTINGS]
     return c

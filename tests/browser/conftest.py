@@ -1,6 +1,9 @@
 """Browser-test set-up: the app served on a free localhost port with temporary models/outputs folders, a
 headless Debian Chromium driven by Playwright, and a screenshot of every step kept as an artifact when a test
-fails (test-artifacts/<test>/, with the server and training logs)."""
+fails (test-artifacts/<test>/, with the server and training logs).
+
+One app and one browser serve the whole session; the demo style LoRA is trained once through the page
+(`trained`, in trained_run.py) and shared by the tests that need a finished run, each asserting its own part."""
 from __future__ import annotations
 
 import os
@@ -59,14 +62,14 @@ def _stop_trainings(outputs_dir: Path) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def studio_dirs(tmp_path_factory) -> tuple[Path, Path, Path]:
+@pytest.fixture(scope="session")
+def studio_dirs(tmp_path_factory) -> tuple[Path, Path, Path]:  # noqa: D103
     root = tmp_path_factory.mktemp("studio")
     (root / "models" / "Lora").mkdir(parents=True)
     return root, root / "models", root / "outputs"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def studio(studio_dirs):
     root, models, outputs = studio_dirs
     port = free_port()
@@ -104,7 +107,7 @@ def studio(studio_dirs):
         proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
@@ -151,3 +154,6 @@ def shots(request, tmp_path, studio_dirs):
             for name in ("train.log", "events.jsonl", "config.toml"):
                 if (run / name).exists():
                     shutil.copy(run / name, target / f"run-{run.name}-{name}")
+
+
+from trained_run import trained  # noqa: E402,F401 - the session's one trained run, a fixture
