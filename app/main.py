@@ -20,7 +20,7 @@ from trainer.generate import Generator
 
 CSS = """
 /* the run on screen (status, loss, samples) stays in view while the dataset and settings scroll beside it */
-#train-panel { position: sticky; top: 8px; align-self: flex-start; max-height: calc(100vh - 16px);
+#train-panel { position: sticky; top: 8px; align-self: flex-start; max-height: calc(100vh - 16px); flex-wrap: nowrap;
                overflow-y: auto; }
 .caption-card img { object-fit: cover; }
 #train-status-text progress { height: 14px; margin-top: 6px; }

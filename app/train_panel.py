@@ -138,9 +138,9 @@ def build_train_panel() -> TrainPanel:
                             placeholder="Start trains the form's settings; while a run trains, Start queues it.")
     status = gr.HTML(status_html(None), elem_id="train-status")
     download = gr.DownloadButton("Download", visible=False, elem_id="download-trained")
-    loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=220,
+    loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=200,
                             elem_id="loss-plot")
-    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=220, elem_id="samples",
+    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=190, elem_id="samples",
                          object_fit="contain", fit_columns=False)
     with gr.Accordion("Runs and queue", open=True, elem_id="runs-section"):
         runs_table = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs-table", max_height=260,

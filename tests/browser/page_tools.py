@@ -108,5 +108,5 @@ def upload(page, files: list[str]) -> None:
 
 def open_run(page, name: str) -> None:
     """Click a run in the Runs list: it becomes the run on screen."""
-    page.locator("#runs-table").get_by_text(name, exact=True).first.click()
+    page.locator("#runs-table").get_by_text(name, exact=True).filter(visible=True).first.click()
     page.wait_for_selector(f'#train-status-text[data-run="{name}"]', timeout=30_000)

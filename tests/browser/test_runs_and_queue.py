@@ -16,7 +16,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 def runs_row(page, name: str) -> str:
-    return page.locator("#runs-table tr", has_text=name).first.inner_text()
+    """The Runs list's line for a run, as the page shows it (once it lists the run)."""
+    found = page.wait_for_function(
+        """([name]) => { const cell = [...document.querySelectorAll('#runs-table td, #runs-table [role=gridcell]')]
+             .find(e => e.textContent.trim() === name && e.offsetParent !== null);
+           const row = cell && cell.closest('tr, [role=row]');
+           return row ? [...row.children].map(c => c.textContent.trim()).join(' | ') : null; }""",
+        arg=[name], timeout=30_000)
+    return found.json_value()
 
 
 def test_opening_a_run_shows_its_settings_and_train_again_renames(trained, studio, browser, shots):
@@ -45,7 +52,7 @@ def test_start_while_training_queues_and_the_queue_goes_on_without_the_browser(s
     new_dataset(page, "queue-set")
     upload(page, demo_files())
     wait_value(page, "dataset-report", "Usable: yes", 120)
-    for name, steps in (("q-first", 60), ("q-second", 3), ("q-third", 3)):
+    for name, steps in (("q-first", 2000), ("q-second", 3), ("q-third", 3)):
         field(page, "lora-name").fill(name)
         field(page, "set-training-steps").fill(str(steps))
         field(page, "set-training-steps").press("Tab")
@@ -64,15 +71,19 @@ def test_start_while_training_queues_and_the_queue_goes_on_without_the_browser(s
     page.locator("#queue-remove").click()
     wait_value(page, "train-action", "Removed 'q-second' from the queue")
     assert json.loads(queue_file.read_text()) == ["q-third"]
+    wait_file(runs / "q-first", lambda run: any(ev["event"] == "step" for ev in read_events(run)), TRAIN_TIMEOUT_S)
+    page.locator("#stop").click()  # the running one is stopped: the queue goes on with the next
+    wait_value(page, "train-action", "Stopping 'q-first'")
     page.context.close()  # the browser goes away; the queue lives in the app
     shots.pages.clear()
 
     def finished(run):
         return any(ev["event"] == "done" for ev in read_events(run))
     wait_file(runs / "q-third", finished, TRAIN_TIMEOUT_S)
-    assert finished(runs / "q-first") and not (runs / "q-second" / "train.log").exists()
-    first_done = next(ev["t"] for ev in read_events(runs / "q-first") if ev["event"] == "done")
-    assert read_events(runs / "q-third")[0]["t"] >= first_done, "one training at a time, in queue order"
+    assert not (runs / "q-second" / "train.log").exists(), "a removed run never starts"
+    first_end = next(ev["t"] for ev in read_events(runs / "q-first") if ev["event"] == "stopped")
+    assert read_events(runs / "q-third")[0]["t"] >= first_end, "one training at a time, in queue order"
     page = open_page(browser, studio.url, shots)
     assert "finished" in runs_row(page, "q-third") and "not started" in runs_row(page, "q-second")
+    assert "stopped" in runs_row(page, "q-first")
     shots.take(page, "queue-done")
