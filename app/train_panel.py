@@ -97,12 +97,15 @@ def refresh(folders: Folders, jobs: Jobs, queue: RunQueue, shown: dict, name: st
     table = runs.runs_table(folders, jobs, queued)
     rows = table.to_dict("split")["data"]
     outputs.append(gr.skip() if shown.get("table") == rows else table)
+    names = [r[0] for r in rows]
+    outputs.append(gr.skip() if shown.get("names") == names and shown.get("on") == str(run) else
+                   gr.update(choices=names, value=run.name if run else None))
     info = runs.checkpoints_text(view) if view else ""
     if queue.last_error:
         info += f"\n{queue.last_error}"
     outputs.append(gr.skip() if shown.get("info") == key(info) else info)
     shown = {"loss": key(n_loss), "samples": key(n_samples), "download": key(done_path), "table": rows,
-             "info": key(info)}
+             "info": key(info), "names": names, "on": str(run)}
     return *outputs, shown
 
 
@@ -117,6 +120,7 @@ class TrainPanel:
     loss_plot: gr.LinePlot
     samples: gr.Gallery
     runs_table: gr.Dataframe
+    run_picker: gr.Dropdown
     run_info: gr.Textbox
     train_again: gr.Button
     move_up: gr.Button
@@ -124,7 +128,8 @@ class TrainPanel:
     unqueue: gr.Button
 
     def poll_outputs(self) -> list:
-        return [self.status, self.loss_plot, self.samples, self.download, self.runs_table, self.run_info]
+        return [self.status, self.loss_plot, self.samples, self.download, self.runs_table, self.run_picker,
+                self.run_info]
 
 
 def build_train_panel() -> TrainPanel:
@@ -143,13 +148,16 @@ def build_train_panel() -> TrainPanel:
     samples = gr.Gallery(label="Samples (newest first)", columns=4, height=190, elem_id="samples",
                          object_fit="contain", fit_columns=False)
     with gr.Accordion("Runs and queue", open=True, elem_id="runs-section"):
+        run_picker = gr.Dropdown([], label="Run on screen", elem_id="run-picker",
+                                 info="pick a run (or click it in the list) to see it and put its settings in the form")
         runs_table = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs-table", max_height=260,
-                                  label="Click a run to open it: its status, curve, samples and settings")
+                                  label="Every run")
         run_info = gr.Textbox(show_label=False, interactive=False, container=False, lines=2, elem_id="run-info")
         with gr.Row():
             train_again = gr.Button("Train again", size="sm", elem_id="train-again")
             move_up = gr.Button("Move up", size="sm", elem_id="queue-up")
             move_down = gr.Button("Move down", size="sm", elem_id="queue-down")
             unqueue = gr.Button("Remove from queue", size="sm", elem_id="queue-remove")
-    return TrainPanel(start, stop, resume, action_msg, status, download, loss_plot, samples, runs_table, run_info,
+    return TrainPanel(start, stop, resume, action_msg, status, download, loss_plot, samples, runs_table, run_picker,
+                      run_info,
                       train_again, move_up, move_down, unqueue)

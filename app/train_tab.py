@@ -343,6 +343,9 @@ def _wire_runs(folders: Folders, jobs: Jobs, queue: RunQueue, d: dict, s: dict, 
         return show_run(folders, jobs, str(table.iloc[row]["run"]))
     p.runs_table.select(shown_as_gr_error(picked), p.runs_table, _run_form(d, s, on_screen, shown)).then(
         poll, [shown, on_screen], poll_outputs, show_progress="hidden")
+    p.run_picker.input(shown_as_gr_error(functools.partial(show_run, folders, jobs)), p.run_picker,
+                       _run_form(d, s, on_screen, shown)).then(
+        poll, [shown, on_screen], poll_outputs, show_progress="hidden")
     p.train_again.click(shown_as_gr_error(functools.partial(train_again, folders, jobs)), on_screen,
                         [s["name"], p.action_msg])
     for button, what in ((p.move_up, "up"), (p.move_down, "down"), (p.unqueue, "remove")):

@@ -107,6 +107,6 @@ def upload(page, files: list[str]) -> None:
 
 
 def open_run(page, name: str) -> None:
-    """Click a run in the Runs list: it becomes the run on screen."""
-    page.locator("#runs-table").get_by_text(name, exact=True).filter(visible=True).first.click()
+    """Pick a run in the Runs section: it becomes the run on screen."""
+    choose(page, "run-picker", name)
     page.wait_for_selector(f'#train-status-text[data-run="{name}"]', timeout=30_000)
