@@ -1,0 +1,56 @@
+"""A prompt stop: SIGTERM / SIGINT (or the UI's Stop) take effect within one micro-batch, during the caches and
+during sampling too, and the checkpoint written then is that of the last completed optimiser step.
+
+With gradient accumulation an optimiser step is many micro-batches (a stop used to wait 21 minutes for one).
+A stop in the middle of one drops its partial gradients and rewinds the data position and the random generators
+to where the step began (`Window`), so the checkpoint continues exactly like an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT (or by a caller); the loop checks it after every micro-batch."""
+
+    def __init__(self):
+        self.flag = False
+
+    def __call__(self, *_):
+        self.flag = True
+
+
+class Stopped(Exception):
+    """A stop asked for before the first optimiser step of this process: there is nothing new to checkpoint."""
+
+
+def check(stop: StopRequested | None) -> None:
+    """For loops that are not steps (caching, encoding): raise Stopped when a stop was asked for."""
+    if stop is not None and stop.flag:
+        raise Stopped()
+
+
+@dataclass
+class Window:
+    """Where an optimiser step's micro-batches began: the position, the shared noise generator and this
+    process's torch (and CUDA) RNG, which LoRA dropout draws from."""
+    position: object
+    noise_rng: torch.Tensor
+    torch_rng: torch.Tensor
+    cuda_rng: torch.Tensor | None
+
+    @classmethod
+    def take(cls, position, noise_rng: torch.Generator, device: torch.device) -> "Window":
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(copy.copy(position), noise_rng.get_state(), torch.get_rng_state(), cuda)
+
+    def rewind(self, position, noise_rng: torch.Generator, device: torch.device) -> None:
+        """Put everything back to the start of the step (in place: `position` is shared with the run)."""
+        position.__dict__.update(copy.copy(self.position).__dict__)
+        noise_rng.set_state(self.noise_rng)
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, device)
