@@ -41,16 +41,7 @@ def runs(tmp_path_factory):
 
     straight = loop.train(cfg("straight"))
 
-    class StopAfterTwo(loop.StopRequested):  # the loop checks after every optimiser step
-        def __init__(self):
-            self.checks = 0
-
-        @property
-        def flag(self):
-            self.checks += 1
-            return self.checks >= 2
-
-    assert loop.train(cfg("stopped"), stop=StopAfterTwo()) is None
+    assert loop.train(cfg("stopped"), stop=loop.StopRequested(at_step=2)) is None
     return root, straight, root / "runs" / "stopped", root / "runs" / "straight"
 
 

@@ -70,8 +70,10 @@ def test_step_guard_counts_non_finite_steps_in_a_row():
     guard = NonFiniteGuard(cfg, "no")
     for finite in (False, False, True, False, False):
         guard.record(finite)
+        guard.check()
+    guard.record(False)
     with pytest.raises(DivergedError, match="NaN/inf for 3 steps in a row; the learning rate 10 is likely too high"):
-        guard.record(False)
+        guard.check()
     assert guard.skipped == 5
 
 

@@ -65,16 +65,9 @@ def assert_same_weights(a, b, atol=0.0):
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
 
 
-class StopAfter(loop.StopRequested):
-    """Asks for a stop once `n` optimiser steps have run (the loop checks after every step)."""
-
-    def __init__(self, n: int):
-        self.n, self.checks = n, 0
-
-    @property
-    def flag(self) -> bool:
-        self.checks += 1
-        return self.checks >= self.n
+def StopAfter(n: int) -> loop.StopRequested:
+    """Asks for a stop once `n` optimiser steps have run, as if Stop were pressed right then."""
+    return loop.StopRequested(at_step=n)
 
 
 def test_same_seed_same_weights_and_training_changes_them(workspace):
@@ -85,7 +78,7 @@ def test_same_seed_same_weights_and_training_changes_them(workspace):
     assert all(t.abs().sum() > 0 for t in ups)  # up starts at zero: every module was trained
     events = read_events(workspace / "runs" / "det-a")
     kinds = [e["event"] for e in events]
-    assert kinds[:2] == ["dataset", "start"] and kinds[-2:] == ["saved", "done"]
+    assert kinds[:2] == ["dataset", "start"] and kinds[-4:] == ["checkpoint", "saved", "sample", "done"]
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     assert all({"loss", "lr", "it_s", "eta_s", "total"} <= e.keys() for e in steps)

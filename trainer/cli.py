@@ -49,6 +49,7 @@ def _train_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import latest_checkpoint
     from .loop import train
 
     layers = []
@@ -60,10 +61,12 @@ def cmd_train(args) -> int:
     cfg = build_config(*layers)
     if not cfg.data.dataset:
         raise ConfigError("no dataset: pass --dataset DIR or set [data] dataset in the config")
-    out = train(cfg, resume=args.resume)
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch only the first process reports
         return 0
-    if out is None:
+    if out is None and latest_checkpoint(cfg.run_path()) is None:
+        print("stopped before the first optimiser step: no checkpoint was made (start again to train)")
+    elif out is None:
         print("stopped; a checkpoint was saved — continue with the same command plus --resume")
     else:
         print(f"saved {out}")

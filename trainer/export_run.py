@@ -1,12 +1,15 @@
-"""`python -m trainer export RUN_DIR [--step N] --out FILE`: a LoRA file from a run's checkpoint.
+"""Writing a run's LoRA file (`export_lora`, used by the loop at checkpoints and at the end) and
+`python -m trainer export RUN_DIR [--step N] --out FILE`: a LoRA file from a run's checkpoint.
 
-The way back when a run's own export failed (a full or read-only output folder) or a user wants an earlier step:
+The command is the way back when a run's own export failed (a full or read-only output folder) or a user wants an earlier step:
 the checkpoint holds the fp32 weights and, since checkpoints carry it, what the run knew for the file's metadata.
 A checkpoint whose weights are not finite is refused, never exported.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 from pathlib import Path
 
 import torch
@@ -14,16 +17,41 @@ import torch
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
 from .config import ConfigError, TrainConfig, load_config
 from .locks import output_lock
+from .lora_file import save_lora, text_encoder_prefixes, to_diffusers, to_kohya
+from .metadata import RunInfo, build_metadata
+from .step_guard import non_finite
+
+
+def part_names(n_encoders: int) -> list[str]:
+    return ["text_encoder", "text_encoder_2"][:n_encoders]
+
+
+def export_lora(cfg: TrainConfig, lora: dict[str, dict[str, torch.Tensor]], path: Path, info: RunInfo,
+                is_sdxl: bool) -> Path:
+    """The LoRA file (kohya format, or diffusers'), with its metadata, written atomically."""
+    dtype = torch.float16 if cfg.output.save_precision == "fp16" else torch.float32
+    meta = build_metadata(cfg, info, path.stem)
+    if cfg.output.format == "diffusers":
+        meta = {"lora_studio.format": "diffusers (loads in diffusers only, not A1111/ComfyUI)",
+                **{k: v for k, v in meta.items() if k.startswith("modelspec.")}}
+        return save_lora(path, to_diffusers(lora, dtype), meta)
+    n_te = 2 if is_sdxl else 1
+    prefixes = dict(zip(part_names(n_te), text_encoder_prefixes(n_te)))
+    parts = {("lora_unet_" if name == "unet" else prefixes[name]): state for name, state in lora.items()}
+    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), meta)
+
+
+def thumbnail(image) -> str:
+    """A sample as the small JPEG data URL of modelspec.thumbnail."""
+    small = image.convert("RGB").copy()
+    small.thumbnail((256, 256))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 class ExportError(ConfigError):
     """The run or checkpoint cannot be exported; the message names it and the fix."""
-
-
-def non_finite(lora: dict[str, dict[str, torch.Tensor]]) -> list[str]:
-    """Names of the tensors holding NaN or ±inf."""
-    return [f"{part}:{key}" for part, tensors in lora.items() for key, t in tensors.items()
-            if not bool(torch.isfinite(t).all())]
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -48,7 +76,7 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 def run_info(cfg: TrainConfig, state: dict):
     """The RunInfo a checkpoint stored; for older checkpoints, what the config and the base model still tell."""
     from .families import detect_family
-    from .metadata import RunInfo, base_model_name
+    from .metadata import base_model_name
     from .models import default_base_model
 
     if isinstance(state.get("run_info"), dict):
@@ -62,8 +90,6 @@ def run_info(cfg: TrainConfig, state: dict):
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    from .loop import _export
-
     run_dir, out = Path(run_dir), Path(out)
     if out.suffix != ".safetensors":
         raise ExportError(f"--out {out}: the LoRA file must end in .safetensors")
@@ -76,17 +102,6 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None) ->
                           "export an earlier step with --step")
     info = run_info(cfg, state)
     info.steps = int(state.get("step", info.steps))
-    is_sdxl = info.family_version.startswith("sdxl")
     with output_lock(out):
-        return _export(cfg, lora, out, info, _Family(is_sdxl))
-
-
-@dataclasses.dataclass
-class _Family:  # the one thing the export needs to know of the family: how many text encoders it has
-    is_sdxl: bool
-
-
-def export_hint(run_dir: Path, out: Path) -> str:
-    """The command that exports a run's newest checkpoint again, for messages."""
-    return f"python -m trainer export {run_dir} --out {out}"
+        return export_lora(cfg, lora, out, info, info.family_version.startswith("sdxl"))
 

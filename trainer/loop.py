@@ -7,8 +7,7 @@ exactly like one process at batch N·b (DDP averages the gradients).
 """
 from __future__ import annotations
 
-import base64
-import io
+import dataclasses
 import math
 import signal
 import threading
@@ -23,37 +22,27 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm import tqdm
 
+from . import preflight
 from .atomic import atomic_path
 from .caches import all_latents, encode_latents, text_outputs
-from .checkpoint import Position, capture, find_resume_checkpoint, restore, save_checkpoint
+from .checkpoint import Position, capture, find_resume_checkpoint, latest_checkpoint, restore, save_checkpoint
 from .conditioning import encode_text, sdxl_time_ids
 from .config import TrainConfig, save_config
 from .cpu_attention import use_cpu_training_attention
 from .data import Dataset, load_dataset
 from .events import EventLog, Pace
 from .lean import lean_forwards
-from .lora_file import save_lora, text_encoder_prefixes, to_diffusers, to_kohya
+from .export_run import export_lora, part_names, thumbnail
 from .memory import keep_freed_memory, return_big_blocks_to_the_os, trim_heap
-from .metadata import RunInfo, base_model_name, build_metadata
+from .metadata import RunInfo, base_model_name
 from .models import BaseModel, default_base_model, load_base_model
 from .network import add_lora, lora_parameters, lora_state
 from .optim import make_optimizer, make_scheduler
 from .precision import make_accelerator, resolve_precision
+from .run_folder import claim
 from .sampling import encode_samples, render_samples
-
-
-class StopRequested:
-    """Set by SIGTERM/SIGINT (or by a caller); checked between optimiser steps."""
-
-    def __init__(self):
-        self.flag = False
-
-    def __call__(self, *_):
-        self.flag = True
-
-
-def part_names(n_encoders: int) -> list[str]:
-    return ["text_encoder", "text_encoder_2"][:n_encoders]
+from .step_guard import CheckpointClock, NonFiniteGuard, check_weights, kept, step_is_finite
+from .stopping import StopRequested, Stopped, Window, any_process
 
 
 @dataclass
@@ -94,8 +83,10 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = None) -> Path | None:
-    """Train; returns the exported LoRA path, or None when stopped early (a checkpoint is saved then)."""
+def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = None,
+          overwrite: bool = False) -> Path | None:
+    """Train; returns the exported LoRA path, or None when stopped early (with a checkpoint of the last step done,
+    if any). `overwrite`: a fresh run may replace another run's checkpoints in its folder (run_folder.py)."""
     probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.training.return_freed_memory:
         return_big_blocks_to_the_os()
@@ -104,6 +95,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = N
     precision = resolve_precision(cfg.training.mixed_precision, probe_device)
     accelerator = make_accelerator(precision, cpu=probe_device.type == "cpu",
                                    unused_parameters=cfg.network.train_text_encoder)
+    held = None
+    if accelerator.is_main_process:  # before any event: a refused run writes nothing into another run's folder
+        preflight.check_writable(cfg.run_path(), "the run folder")
+        preflight.check_writable(cfg.output_path().parent, "the LoRA folder")
+        held = claim(cfg, resume, overwrite)
     events = EventLog(cfg.run_path(), enabled=accelerator.is_main_process)
     stop = stop or StopRequested()
     previous = {}
@@ -111,17 +107,23 @@ def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = N
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _train(cfg, resume, stop, accelerator, precision, events)
+    except Stopped:  # before this process's first step: the checkpoint it resumed from (if any) is the newest
+        last = latest_checkpoint(cfg.run_path()) if resume else None
+        events.emit("stopped", step=int(last.name.split("_")[1]) if last else 0, checkpoint=last and str(last))
+        return None
     except Exception as e:
-        events.emit("error", message=f"{type(e).__name__}: {e}")
+        events.emit("error", message=" ".join(f"{type(e).__name__}: {e}".split()))
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if held is not None:
+            held.release()
 
 
 def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Accelerator, precision: str,
            events: EventLog) -> Path | None:
-    run = _prepare(cfg, resume, accelerator, precision, events)
+    run = _prepare(cfg, resume, accelerator, precision, events, stop)
     events.emit("start", run=cfg.output.name, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                 family=run.base.family.name, base_model=str(run.base_path),
                 resumed_from=str(run.resumed_from) if run.resumed_from else None,
@@ -129,12 +131,13 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
                 processes=accelerator.num_processes, latent_cache=bool(run.latents), text_cache=bool(run.text_cache))
     if not _steps(run, stop, events):
         return None
-    return _finish(run, events)
+    return _finish(run, stop, events)
 
 
 # ---- Set-up ---------------------------------------------------------------------------------------------------
 
-def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision: str, events: EventLog) -> Run:
+def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision: str, events: EventLog,
+             stop: StopRequested) -> Run:
     tr, device = cfg.training, accelerator.device
     run_dir, started = cfg.run_path(), time.time()
     if accelerator.is_main_process:
@@ -146,6 +149,8 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     base = load_base_model(base_path, family=cfg.model.family, dtype=weight_dtype)
     for m in (base.unet, base.vae, *base.text_encoders):
         m.to(device)
+    preflight.check_clip_skip(cfg.model.clip_skip, base.text_encoders)
+    preflight.check_memory(cfg, base.unet, base.vae, device, torch.finfo(weight_dtype).bits // 8)
 
     # Data: every image decoded and checked up front.
     ds = load_dataset(cfg.data, tr.seed)
@@ -156,15 +161,18 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     total_steps = tr.epochs * steps_per_epoch if tr.epochs > 0 else tr.steps
 
     parts = _add_network(cfg, base, device)
+    if accelerator.is_main_process:
+        n_params = sum(p.numel() for m in parts.values() for p in lora_parameters(m))
+        preflight.check_space(run_dir, cfg.output_path().parent, n_params, cfg)
 
     # Caches: VAE latents (when augmentation is deterministic) and text-encoder outputs (when frozen).
     latents = {}
     if cfg.data.cache_latents != "off" and not ds.random_crop:
-        latents = all_latents(ds, cfg, run_dir.parent / ".cache" / "latents", base, accelerator)
+        latents = all_latents(ds, cfg, run_dir.parent / ".cache" / "latents", base, accelerator, stop)
     text_cache = {}
     if not cfg.network.train_text_encoder and ds.captions_fixed and tr.cache_text_encoder_outputs == "auto":
         text_cache = text_outputs([r.caption for r in ds.images], base.text_encoders, base.tokenizers,
-                                  cfg.model.clip_skip, accelerator)
+                                  cfg.model.clip_skip, accelerator, stop)
     sample_prompts = cfg.sample.prompts or [ds.images[0].caption]
     sample_embeds = []
     if text_cache:
@@ -202,6 +210,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
 def _add_network(cfg: TrainConfig, base: BaseModel, device: torch.device) -> dict[str, torch.nn.Module]:
     """LoRA adapters on the UNet and (optionally) the text encoders; returns the trained modules by name."""
     tr, net, unet, encoders = cfg.training, cfg.network, base.unet, base.text_encoders
+    preflight.check_rank(net.rank, preflight.lora_targets(unet, encoders if net.train_text_encoder else []))
     torch.manual_seed(tr.seed)  # the same LoRA init on every process and in every run with this seed
     add_lora(unet, encoders, net)
     lean_forwards(unet)  # fewer activations kept for backward, same results (lean.py)
@@ -224,11 +233,13 @@ def _add_network(cfg: TrainConfig, base: BaseModel, device: torch.device) -> dic
 
 def _steps(run: Run, stop: StopRequested, events: EventLog) -> bool:
     """Trains to the last step (True) or until a stop is requested (False, after a checkpoint)."""
-    cfg, tr, pos = run.cfg, run.cfg.training, run.pos
-    rank = run.accelerator.process_index
+    cfg, tr, pos, accelerator = run.cfg, run.cfg.training, run.pos, run.accelerator
+    rank, device = accelerator.process_index, accelerator.device
     trim_heap()  # the set-up's freed buffers (full-resolution VAE encoding, loading) are not the steps' sizes
     progress = tqdm(total=run.total_steps, initial=pos.step, disable=not run.main, desc=cfg.output.name, unit="step")
     micro, loss_sum, pace = 0, 0.0, Pace()
+    guard, clock = NonFiniteGuard(cfg, run.precision), CheckpointClock(cfg.output.save_every_n_minutes)
+    window = Window.take(pos, run.noise_rng, device)  # where this optimiser step's micro-batches began
     batches, batches_epoch = None, None
     while pos.step < run.total_steps:
         if batches_epoch != pos.epoch:
@@ -243,52 +254,74 @@ def _steps(run: Run, stop: StopRequested, events: EventLog) -> bool:
         with ExitStack() as stack:
             if not sync:  # accumulate locally; DDP all-reduces only on the last micro-batch
                 for m in run.trained_fwd:
-                    stack.enter_context(run.accelerator.no_sync(m))
+                    stack.enter_context(accelerator.no_sync(m))
             loss = _loss(run, draws)
-            run.accelerator.backward(loss / tr.grad_accum)
+            accelerator.backward(loss / tr.grad_accum)
         loss_sum = loss_sum + loss.detach().float() / tr.grad_accum  # a tensor: read once per step, not per micro-batch
         if not sync:
+            if any_process(stop.flag, accelerator):  # a stop within one micro-batch: the step is dropped
+                window.rewind(pos, run.noise_rng, device)
+                run.optimizer.zero_grad(set_to_none=True)
+                return _stopped(run, events, progress)
             continue
 
-        _optimizer_step(run)
-        _report(run, loss_sum, pace, progress, events)
+        # Optimiser step, unless the loss or the gradients are not finite (then skipped and counted).
+        loss_sum = accelerator.reduce(loss_sum, "mean") if accelerator.num_processes > 1 else loss_sum
+        done = _optimizer_step(run, loss_sum, guard)
+        window = Window.take(pos, run.noise_rng, device)
+        if done:
+            _report(run, loss_sum, pace, progress, events)
+        else:
+            events.emit("skipped", step=pos.step + 1, in_a_row=guard.in_row, skipped=guard.skipped)
+            guard.check()  # too many in a row: stop, naming the likely cause
         loss_sum = 0.0
+        stop.step_done(pos.step)
 
         # Samples, checkpoints, a requested stop.
-        if run.main and cfg.sample.every_n_steps and pos.step % cfg.sample.every_n_steps == 0 \
-                and pos.step < run.total_steps:
-            _sample(run, events)
+        last = pos.step >= run.total_steps
+        if done and run.main and cfg.sample.every_n_steps and pos.step % cfg.sample.every_n_steps == 0 and not last:
+            _sample(run, stop, events)
         every_steps = cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0
         every_epochs = (cfg.output.save_every_n_epochs and epoch_end
                         and pos.epoch % cfg.output.save_every_n_epochs == 0)
-        if (every_steps or every_epochs) and pos.step < run.total_steps:
+        if done and not last and any_process(bool(every_steps or every_epochs) or clock.due(), accelerator):
             _checkpoint(run, events)
+            clock.reset()
         pace.paused()
-        if _should_stop(stop, run.accelerator):
-            path = _checkpoint(run, events)
-            events.emit("stopped", step=pos.step, checkpoint=str(path) if path else None)
-            progress.close()
-            return False
+        if not last and any_process(stop.flag, accelerator):
+            return _stopped(run, events, progress)
     progress.close()
     return True
 
 
-def _optimizer_step(run: Run) -> None:
-    """Clip, step, schedule."""
+def _stopped(run: Run, events: EventLog, progress: tqdm) -> bool:
+    """A checkpoint of the last completed optimiser step (none before the first), then the `stopped` event."""
+    progress.close()
+    path = _checkpoint(run, events) if run.pos.step > 0 else None
+    events.emit("stopped", step=run.pos.step, checkpoint=str(path) if path else None)
+    return False
+
+
+def _optimizer_step(run: Run, loss: torch.Tensor, guard: NonFiniteGuard) -> bool:
+    """Clip, step, schedule; False (nothing changed) when the loss or the gradients are NaN/inf."""
     opt = run.cfg.optimizer
-    if opt.max_grad_norm > 0:
-        run.accelerator.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
-                                        opt.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    # Under fp16 the GradScaler skips overflowing gradients itself (and lowers its scale): only the loss counts.
+    finite = step_is_finite(loss, params, check_grads=run.accelerator.scaler is None)
+    guard.record(finite)
+    if finite:
+        if opt.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.pos.step += 1
     run.optimizer.zero_grad(set_to_none=True)
-    run.pos.step += 1
+    return finite
 
 
 def _report(run: Run, loss_sum: torch.Tensor, pace: Pace, progress: tqdm, events: EventLog) -> None:
-    """The step event: loss averaged over the processes, speed (smoothed), ETA."""
-    accelerator, step = run.accelerator, run.pos.step
-    loss = (accelerator.reduce(loss_sum, "mean") if accelerator.num_processes > 1 else loss_sum).item()
+    """The step event: loss (already averaged over the processes), speed (smoothed), ETA."""
+    step, loss = run.pos.step, loss_sum.item()
     it_s, eta_s = pace.step(run.total_steps - step)
     progress.update(1)
     progress.set_postfix(loss=f"{loss:.4f}")
@@ -354,20 +387,13 @@ def _loss(run: Run, draws) -> torch.Tensor:
     return (loss * loss_weight).mean()
 
 
-def _should_stop(stop: StopRequested, accelerator) -> bool:
-    if accelerator.num_processes == 1:
-        return stop.flag
-    # Every process must stop at the same step, or the others would wait forever in the next all-reduce.
-    flag = torch.tensor(1.0 if stop.flag else 0.0, device=accelerator.device)
-    return accelerator.reduce(flag, "sum").item() > 0
-
-
 # ---- Samples, checkpoints and the export ------------------------------------------------------------------------
 
-def _sample(run: Run, events: EventLog) -> list[str]:
+def _sample(run: Run, stop: StopRequested, events: EventLog) -> list[str]:
+    """The sample images of this step; a stop cuts them short (the paths made so far)."""
     paths = render_samples(run.cfg.run_path() / "samples", f"step_{run.pos.step:06d}", run.cfg, run.base,
-                           run.sample_prompts, run.sample_embeds, run.trained, run.accelerator)
-    events.emit("sample", step=run.pos.step, paths=paths, prompts=run.sample_prompts)
+                           run.sample_prompts, run.sample_embeds, run.trained, run.accelerator, stop)
+    events.emit("sample", step=run.pos.step, paths=paths, prompts=run.sample_prompts[:len(paths)])
     return paths
 
 
@@ -377,25 +403,35 @@ def _checkpoint(run: Run, events: EventLog) -> Path | None:
     path = None
     if captured is not None:
         lora, state = captured
+        check_weights(lora, run.cfg, run.pos.step)
+        state["run_info"] = dataclasses.asdict(_info(run))  # for `python -m trainer export` (export_run.py)
         path = save_checkpoint(run.cfg.run_path(), run.pos.step, lora, state)
-        _export(run.cfg, lora, path / f"{run.cfg.output.name}-step{run.pos.step}.safetensors", _info(run),
-                run.base.family)
+        export_lora(run.cfg, lora, path / f"{run.cfg.output.name}-step{run.pos.step}.safetensors", _info(run),
+                    run.base.family.is_sdxl)
         events.emit("checkpoint", step=run.pos.step, path=str(path))
     run.accelerator.wait_for_everyone()
     return path
 
 
-def _finish(run: Run, events: EventLog) -> Path:
-    """The last samples, then the LoRA in kohya format with its metadata and a preview image beside it."""
-    out = run.cfg.output_path()
+def _finish(run: Run, stop: StopRequested, events: EventLog) -> Path:
+    """A last checkpoint, then the LoRA in kohya format with its metadata, and only then the last samples and a
+    preview beside it (the file is written again with the thumbnail): a failing sample never costs the LoRA, and
+    a failing export (a full or read-only disk) leaves the checkpoint and says how to export it later."""
+    cfg, out = run.cfg, run.cfg.output_path()
+    _checkpoint(run, events)
     if run.main:
-        paths = _sample(run, events)
-        with Image.open(paths[0]) as im:
-            with atomic_path(out.with_name(f"{out.stem}.preview.png")) as tmp:
-                im.save(tmp, format="PNG")  # A1111's preview convention
-            lora = {name: lora_state(m) for name, m in run.parts.items()}
-            _export(run.cfg, lora, out, _info(run, _thumbnail(im)), run.base.family)
+        lora = {name: lora_state(m) for name, m in run.parts.items()}
+        try:
+            export_lora(cfg, lora, out, _info(run), run.base.family.is_sdxl)
+        except OSError as e:
+            raise OSError(e.errno, f"could not write the LoRA {out} ({e.strerror or e}); {kept(cfg)}") from e
         events.emit("saved", path=str(out), step=run.pos.step)
+        paths = _sample(run, stop, events)
+        if paths:
+            with Image.open(paths[0]) as im:
+                with atomic_path(out.with_name(f"{out.stem}.preview.png")) as tmp:
+                    im.save(tmp, format="PNG")  # A1111's preview convention
+                export_lora(cfg, lora, out, _info(run, thumbnail(im)), run.base.family.is_sdxl)
         events.emit("done", path=str(out), step=run.pos.step, seconds=round(time.time() - run.started, 1))
     run.accelerator.wait_for_everyone()
     return out
@@ -406,25 +442,3 @@ def _info(run: Run, thumbnail: str = "") -> RunInfo:
     return RunInfo(family.base_model_version, family.architecture, family.prediction_type,
                    base_model_name(run.base_path), run.pos.step, run.pos.epoch, len(ds.images), run.started,
                    run.precision, run.optimizer_name, ds.tag_frequency, ds.dataset_dirs, ds.bucket_info, thumbnail)
-
-
-def _thumbnail(image) -> str:
-    small = image.convert("RGB").copy()
-    small.thumbnail((256, 256))
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _export(cfg: TrainConfig, lora: dict[str, dict[str, torch.Tensor]], path: Path, info: RunInfo, family) -> Path:
-    """The LoRA file (kohya format, or diffusers'), with its metadata; `family` needs only `is_sdxl`."""
-    dtype = torch.float16 if cfg.output.save_precision == "fp16" else torch.float32
-    meta = build_metadata(cfg, info, path.stem)
-    if cfg.output.format == "diffusers":
-        meta = {"lora_studio.format": "diffusers (loads in diffusers only, not A1111/ComfyUI)",
-                **{k: v for k, v in meta.items() if k.startswith("modelspec.")}}
-        return save_lora(path, to_diffusers(lora, dtype), meta)
-    n_te = 2 if family.is_sdxl else 1
-    prefixes = dict(zip(part_names(n_te), text_encoder_prefixes(n_te)))
-    parts = {("lora_unet_" if name == "unet" else prefixes[name]): state for name, state in lora.items()}
-    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), meta)

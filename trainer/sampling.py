@@ -11,7 +11,7 @@ import torch
 
 from .atomic import atomic_path
 from .caches import parameters
-from .generate import encode_prompt, make_pipeline, render_embeds
+from .generate import GenerationCancelled, encode_prompt, make_pipeline, render_embeds
 from .memory import release_file_pages, trim_heap
 
 
@@ -23,8 +23,9 @@ def encode_samples(prompts: list[str], cfg, encoders, tokenizers, accelerator) -
 
 
 def render_samples(out_dir: Path, tag: str, cfg, base, prompts: list[str], embeds: list[dict], trained: list,
-                   accelerator) -> list[str]:
-    """PNG paths `out_dir/<tag>_<i>.png`, one per prompt; `embeds` empty: the encoders are live, encode now."""
+                   accelerator, stop=None) -> list[str]:
+    """PNG paths `out_dir/<tag>_<i>.png`, one per prompt; `embeds` empty: the encoders are live, encode now.
+    A stop (SIGTERM, Stop) ends them within one denoising step: the paths made so far."""
     trim_heap()  # the steps' freed activations, kept for the next step, need not sit under the decoder too
     width = cfg.sample.width or cfg.data.resolution
     height = cfg.sample.height or cfg.data.resolution
@@ -35,12 +36,16 @@ def render_samples(out_dir: Path, tag: str, cfg, base, prompts: list[str], embed
     for m in trained:
         m.eval()
     paths = []
+    stopped = (lambda *_: stop.flag) if stop is not None else None  # checked after every denoising step
     with accelerator.autocast():
         for i, prompt in enumerate(prompts):
             prompt_embeds = embeds[i] if embeds else encode_prompt(
                 encoders, tokenizers, prompt, cfg.sample.negative_prompt, cfg.model.clip_skip)
-            image = render_embeds(pipe, prompt_embeds, cfg.sample.seed + i, cfg.sample.steps, cfg.sample.cfg,
-                                  width, height)
+            try:
+                image = render_embeds(pipe, prompt_embeds, cfg.sample.seed + i, cfg.sample.steps, cfg.sample.cfg,
+                                      width, height, progress=stopped)
+            except GenerationCancelled:
+                break
             path = out_dir / f"{tag}_{i}.png"
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")

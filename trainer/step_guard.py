@@ -7,10 +7,11 @@ overflowing gradients and lowers its scale (a few are normal at the start), so t
 """
 from __future__ import annotations
 
-import time
+from time import monotonic
 
 import torch
 
+from .checkpoint import latest_checkpoint
 from .config import ConfigError, TrainConfig
 
 
@@ -30,19 +31,21 @@ def step_is_finite(loss: torch.Tensor, params: list[torch.Tensor], check_grads: 
 
 class NonFiniteGuard:
     def __init__(self, cfg: TrainConfig, precision: str):
+        self.cfg, self.precision = cfg, precision
         self.limit = cfg.training.max_nonfinite_steps
         self.lr = cfg.optimizer.learning_rate
-        self.precision = precision
         self.in_row = 0
         self.skipped = 0
 
     def record(self, finite: bool) -> None:
-        """Count a step; DivergedError after `limit` non-finite steps in a row."""
         if finite:
             self.in_row = 0
-            return
-        self.in_row += 1
-        self.skipped += 1
+        else:
+            self.in_row += 1
+            self.skipped += 1
+
+    def check(self) -> None:
+        """DivergedError after `limit` non-finite steps in a row."""
         if self.in_row >= self.limit:
             raise DivergedError(self.message())
 
@@ -50,7 +53,31 @@ class NonFiniteGuard:
         cause = (f"the learning rate {self.lr:g} is likely too high (try a tenth of it)" if self.precision != "fp16"
                  else f"fp16 overflowed or the learning rate {self.lr:g} is too high (try bf16 or "
                       "`training.mixed_precision = \"no\"`, or a tenth of the rate)")
-        return f"training diverged: the loss or gradients were NaN/inf for {self.in_row} steps in a row; {cause}"
+        return f"training diverged: the loss or gradients were NaN/inf for {self.in_row} steps in a row; {cause}; " \
+               + kept(self.cfg)
+
+
+def kept(cfg: TrainConfig) -> str:
+    """What of the run is safe, for messages: its newest checkpoint and how to export it."""
+    last = latest_checkpoint(cfg.run_path())
+    if last is None:
+        return "no checkpoint was made"
+    return (f"the last good checkpoint is {last} (export it: python -m trainer export {cfg.run_path()} "
+            f"--out {cfg.output_path()})")
+
+
+def non_finite(lora: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding NaN or ±inf."""
+    return [f"{part}:{key}" for part, tensors in lora.items() for key, t in tensors.items()
+            if not bool(torch.isfinite(t).all())]
+
+
+def check_weights(lora: dict[str, dict[str, torch.Tensor]], cfg: TrainConfig, step: int) -> None:
+    """Nothing non-finite is ever checkpointed or exported (nor are good checkpoints pruned for it)."""
+    bad = non_finite(lora)
+    if bad:
+        raise DivergedError(f"the LoRA weights hold NaN/inf at step {step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                            f"nothing was saved; lower `optimizer.learning_rate`; " + kept(cfg))
 
 
 class CheckpointClock:
@@ -58,11 +85,11 @@ class CheckpointClock:
 
     def __init__(self, minutes: float, now: float | None = None):
         self.seconds = minutes * 60
-        self.last = time.monotonic() if now is None else now
+        self.last = monotonic() if now is None else now
 
     def due(self, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
+        now = monotonic() if now is None else now
         return self.seconds > 0 and now - self.last >= self.seconds
 
     def reset(self, now: float | None = None) -> None:
-        self.last = time.monotonic() if now is None else now
+        self.last = monotonic() if now is None else now

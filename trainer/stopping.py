@@ -14,13 +14,28 @@ import torch
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGINT (or by a caller); the loop checks it after every micro-batch."""
+    """Set by SIGTERM/SIGINT (or by a caller); the loop checks it after every micro-batch. `at_step`: a caller's
+    stop once that many optimiser steps are done (as if Stop were pressed right then)."""
 
-    def __init__(self):
+    def __init__(self, at_step: int | None = None):
         self.flag = False
+        self.at_step = at_step
 
     def __call__(self, *_):
         self.flag = True
+
+    def step_done(self, step: int) -> None:
+        if self.at_step is not None and step >= self.at_step:
+            self.flag = True
+
+
+def any_process(flag: bool, accelerator) -> bool:
+    """True on every process when it is true on one: they must all stop (or checkpoint) at the same step, or the
+    others would wait forever in the next all-reduce."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
+    return accelerator.reduce(value, "sum").item() > 0
 
 
 class Stopped(Exception):
