@@ -128,7 +128,9 @@ def test_the_sweep_grid_holds_the_single_generations(world, plain):
     h, w, _ = zero.shape
     assert grid.shape[1] == 2 * w
     band = grid.shape[0] - h  # the label strip above the pictures
-    assert np.array_equal(grid[band:, :w], zero) and np.array_equal(grid[band:, w:], one)
+    # the sweep is one batched call (trainer/batched_mix.py): the same floats up to uint8 rounding
+    assert np.abs(grid[band:, :w] - zero).max() <= 1 and np.abs(grid[band:, w:] - one).max() <= 1
+    assert np.abs(one - zero).mean() > 1.0
     with pytest.raises(UserError, match="not numbers"):
         g.parse_weights("0, half")
     with pytest.raises(UserError, match="between -2 and 2"):

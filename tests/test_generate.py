@@ -90,11 +90,14 @@ def test_base_pipeline_is_loaded_once_across_mixes(setup):
 
 def test_weight_zero_and_no_lora_give_the_same_picture_and_sweep_grid(setup):
     root, base, loras, gen = setup
-    plain = np.asarray(gen.generate("a red circle", [], steps=3, seed=5))
+    plain = np.asarray(gen.generate("a red circle", [], steps=3, seed=5), dtype=np.int16)
     grid, images = gen.sweep("a red circle", LoraSpec(str(loras / "style.safetensors")), weights=(0.0, 1.0),
                              steps=3, seed=5)
-    assert np.array_equal(np.asarray(images[0]), plain)
-    assert not np.array_equal(np.asarray(images[1]), plain)
+    zero = np.asarray(gen.generate("a red circle", [LoraSpec(str(loras / "style.safetensors"), 0.0)], steps=3, seed=5))
+    assert np.array_equal(zero, plain)
+    # the sweep renders its pictures in one batch (trainer/batched_mix.py): equal floats up to uint8 rounding
+    assert np.abs(np.asarray(images[0], dtype=np.int16) - plain).max() <= 1
+    assert np.abs(np.asarray(images[1], dtype=np.int16) - plain).mean() > 1.0
     assert grid.size == (2 * images[0].width, images[0].height + 20)
 
 

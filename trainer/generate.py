@@ -243,8 +243,19 @@ class Generator:
         return render(self.pipe, prompt, negative_prompt, seed, steps, cfg, width or size, height or size, clip_skip,
                       progress)
 
-    def sweep(self, prompt: str, lora: LoraSpec, weights=(0.0, 0.25, 0.5, 0.75, 1.0), **kwargs) -> tuple[Image.Image, list[Image.Image]]:
-        """The same seed at several weights of one LoRA, side by side."""
-        images = [self.generate(prompt, [LoraSpec(lora.path, w, w if lora.te_weight is None else lora.te_weight * w)], **kwargs)
-                  for w in weights]
+    def generate_batch(self, pictures: list, **kwargs) -> list[Image.Image]:
+        """Pictures each with its own LoRA mix and seed, rendered together (trainer/batched_mix.py); each equals
+        generate() with the same prompt, mix and seed. kwargs: generate's, and max_batch (pictures per call)."""
+        from .batched_mix import render_pictures
+
+        return render_pictures(self, pictures, **kwargs)
+
+    def sweep(self, prompt: str, lora: LoraSpec, weights=(0.0, 0.25, 0.5, 0.75, 1.0), negative_prompt: str = "",
+              seed: int = 0, **kwargs) -> tuple[Image.Image, list[Image.Image]]:
+        """The same seed at several weights of one LoRA, side by side, in one batched call."""
+        from .batched_mix import Picture
+
+        pictures = [Picture(prompt, [LoraSpec(lora.path, w, w if lora.te_weight is None else lora.te_weight * w)],
+                            negative_prompt, seed) for w in weights]
+        images = self.generate_batch(pictures, **kwargs)
         return grid(images, [f"{w:g}" for w in weights]), images

@@ -1,0 +1,270 @@
+"""Per-picture LoRA mixes in one batched call: every picture of a batch has its own weights per LoRA.
+
+Merged weights are one W' per module, the same for the whole batch; here the base weights stay as they are and
+each adapted module gets a forward hook adding, for sample n,
+    Σ_l w[n, l] · scale_l · up_l @ down_l @ x_n          (low-rank entries: two thin matmuls per module)
+    Σ_l w[n, l] · ΔW_l @ x_n                             (LoHa/LoKr and other full-delta entries)
+All LoRAs' down matrices of a module are concatenated ([R = Σ r_l, in]), so a module costs two matmuls whatever the
+number of LoRAs; the per-sample weights scale the R rank columns in between ([N, R]). The UNet sees 2·B samples
+under classifier-free guidance (the pipeline concatenates [uncond; cond]): the B weight rows are tiled to follow
+each picture through both halves, as the single-picture path applies its LoRAs to both. Text-encoder weights are
+per picture too, so prompts are encoded per mix, in one batched call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .conditioning import encode_text
+from .lora_file import LoraFileError, kohya_module_name, text_encoder_prefixes
+
+
+@dataclass
+class Picture:
+    """One picture of a batch: its prompt (may hold <lora:name:w> tags), its own LoRA mix and seed."""
+    prompt: str
+    loras: list = field(default_factory=list)  # generate.LoraSpec
+    negative_prompt: str = ""
+    seed: int = 0
+
+
+@dataclass
+class LowRank:
+    """A plain LoRA entry of one module: ΔW = scale · up @ down (the fields lora_formats.ModuleDelta shares)."""
+    part: str  # unet | text_encoder | text_encoder_2
+    module: str  # path as in named_modules()
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    scale: float  # alpha / r
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.up.flatten(1).float() @ self.down.flatten(1).float())
+
+
+def kohya_entries(path, tensors: dict[str, torch.Tensor], parts: dict[str, torch.nn.Module]) -> list[LowRank]:
+    """Our own kohya files (lora_file.to_kohya's names) → entries per module."""
+    encoders = sorted(p for p in parts if p.startswith("text_encoder"))
+    prefixes = {"unet": "lora_unet_", **dict(zip(encoders, text_encoder_prefixes(len(encoders))))}
+    by_name = {}
+    for part, model in parts.items():
+        for name, _ in model.named_modules():
+            key = prefixes[part] + name.replace(".", "_") if part == "unet" else kohya_module_name(prefixes[part], name)
+            by_name[key] = (part, name)
+    entries = []
+    for key, down in tensors.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        if name not in by_name:
+            raise LoraFileError(f"{path}: module {name} is not in this base model; is the LoRA for another model?")
+        alpha = tensors.get(f"{name}.alpha")
+        rank = down.shape[0]
+        part, module = by_name[name]
+        entries.append(LowRank(part, module, tensors[f"{name}.lora_up.weight"], down,
+                               (float(alpha) if alpha is not None else rank) / rank))
+    return entries
+
+
+class _Branch:
+    """The LoRA branches of one module, from any number of LoRAs (index l in the batch's list of files)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = getattr(layer, "base_layer", layer)  # under a PEFT wrapper, the real layer's geometry
+        self.low: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.full: list[tuple[int, torch.Tensor]] = []
+
+    def finish(self) -> None:
+        w = self.layer.weight
+        if self.low:
+            self.down = torch.cat([d for _, d, _, _ in self.low]).to(w.device, w.dtype)
+            self.up = torch.cat([u for _, _, u, _ in self.low], dim=1).to(w.device, w.dtype)
+            self.owner = torch.cat([torch.full((d.shape[0],), l) for l, d, _, _ in self.low]).to(w.device)
+            self.rank_scale = torch.cat([torch.full((d.shape[0],), s) for _, d, _, s in self.low]).to(w.device, w.dtype)
+        self.full = [(l, d.to(w.device, w.dtype).reshape(w.shape)) for l, d in self.full]
+
+    def _apply(self, x: torch.Tensor, weight: torch.Tensor, is_up: bool = False) -> torch.Tensor:
+        if isinstance(self.layer, torch.nn.Conv2d):
+            if is_up:
+                return F.conv2d(x, weight)
+            c = self.layer
+            return F.conv2d(x, weight, None, c.stride, c.padding, c.dilation, c.groups)
+        return F.linear(x, weight.flatten(1) if weight.dim() > 2 else weight)
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """out + this module's branches for input x; w: [N, L] per-sample weights of the L LoRAs."""
+        conv = isinstance(self.layer, torch.nn.Conv2d)
+        if self.low:
+            s = w[:, self.owner] * self.rank_scale  # [N, R]
+            if bool(s.any()):
+                h = self._apply(x, self.down)
+                shape = (s.shape[0], -1, 1, 1) if conv else (s.shape[0],) + (1,) * (h.dim() - 2) + (-1,)
+                out = out + self._apply(h * s.view(shape), self.up, is_up=True)
+        for l, delta in self.full:
+            if bool(w[:, l].any()):
+                shape = (-1,) + (1,) * (out.dim() - 1)
+                out = out + self._apply(x, delta) * w[:, l].view(shape)
+        return out
+
+
+class SampleMixes:
+    """Forward hooks on every module a LoRA of the batch touches; `weights[part]` is [B, L] (set per call)."""
+
+    def __init__(self, parts: dict[str, torch.nn.Module], files: list[list]):
+        self.parts = parts
+        self.weights: dict[str, torch.Tensor] = {}
+        self.branches: dict[tuple[str, str], _Branch] = {}
+        modules = {part: dict(model.named_modules()) for part, model in parts.items()}
+        for l, entries in enumerate(files):
+            for e in entries:
+                key = (e.part, e.module)
+                if key not in self.branches:
+                    self.branches[key] = _Branch(modules[e.part][e.module])
+                branch = self.branches[key]
+                if getattr(e, "up", None) is not None and branch_fits(branch.layer, e):
+                    branch.low.append((l, e.down, e.up, float(e.scale)))
+                else:
+                    branch.full.append((l, e.delta()))
+        for branch in self.branches.values():
+            branch.finish()
+        self._handles = []
+
+    def __enter__(self) -> "SampleMixes":
+        modules = {part: dict(model.named_modules()) for part, model in self.parts.items()}
+        for (part, name), branch in self.branches.items():
+            self._handles.append(modules[part][name].register_forward_hook(self._hook(part, branch)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, part: str, branch: _Branch):
+        def hook(_module, args, out):
+            w = self.weights.get(part)
+            if w is None:
+                return out
+            x = args[0]
+            n, b = x.shape[0], w.shape[0]
+            assert n % b == 0, f"a batch of {n} samples for {b} pictures"
+            return branch.add(x, out, w.repeat(n // b, 1).to(out.dtype))  # [uncond; cond]: tile, not interleave
+        return hook
+
+
+def branch_fits(layer: torch.nn.Module, entry) -> bool:
+    """A low-rank pair the two-matmul branch computes: Linear, or a Conv2d (down with its kernel, up 1x1)."""
+    if isinstance(layer, torch.nn.Linear):
+        return True
+    return isinstance(layer, torch.nn.Conv2d) and layer.groups == 1 and entry.up.dim() == 4 \
+        and tuple(entry.up.shape[2:]) == (1, 1) and entry.down.dim() == 4
+
+
+def weight_matrix(pictures: list[Picture], paths: list[str], te: bool) -> torch.Tensor:
+    """[B, L]: each picture's UNet (te=False) or text-encoder weight for each file (0 where not in its mix)."""
+    index = {p: i for i, p in enumerate(paths)}
+    out = torch.zeros(len(pictures), len(paths))
+    for n, picture in enumerate(pictures):
+        for spec in picture.loras:
+            unet_w, te_w = spec.weights()
+            out[n, index[spec.path]] += te_w if te else unet_w
+    return out
+
+
+def encode_mixed(mixes: SampleMixes, text_encoders: list, tokenizers: list, pictures: list[Picture],
+                 te_weights: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+    """generate.encode_prompt for a batch, each prompt through the text encoders with its own picture's mix."""
+    for part in mixes.parts:
+        if part.startswith("text_encoder"):
+            mixes.weights[part] = te_weights
+    try:
+        emb, pooled = encode_text(text_encoders, tokenizers, [p.prompt for p in pictures], clip_skip)
+        neg, neg_pooled = encode_text(text_encoders, tokenizers, [p.negative_prompt for p in pictures], clip_skip)
+    finally:
+        for part in [p for p in mixes.weights if p.startswith("text_encoder")]:
+            del mixes.weights[part]
+    out = {"prompt_embeds": emb, "negative_prompt_embeds": neg}
+    if pooled is not None:
+        empty = torch.tensor([not p.negative_prompt for p in pictures], device=neg.device)
+        # SDXL's base config: zeros for an empty negative prompt (as encode_prompt, per picture)
+        neg = torch.where(empty.view(-1, 1, 1), torch.zeros_like(neg), neg)
+        neg_pooled = torch.where(empty.view(-1, 1), torch.zeros_like(neg_pooled), neg_pooled)
+        out.update(negative_prompt_embeds=neg, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+    return out
+
+
+@torch.no_grad()
+def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps: int, cfg: float, width: int,
+                   height: int, clip_skip: int = 1) -> torch.Tensor:
+    """The pictures' final latents [B, C, h, w] in one pipeline call. `files` maps each LoraSpec.path of the
+    pictures' mixes to its module entries. The pipeline's own LoRAs must be off (base weights)."""
+    paths = list(files)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
+    with SampleMixes(pipe_parts(pipe), [files[p] for p in paths]) as mixes:
+        embeds = encode_mixed(mixes, encoders, tokenizers, pictures, weight_matrix(pictures, paths, te=True), clip_skip)
+        mixes.weights["unet"] = weight_matrix(pictures, paths, te=False)
+        kwargs = {k: v.to(pipe.unet.device, pipe.unet.dtype) for k, v in embeds.items()}
+        generators = [torch.Generator("cpu").manual_seed(p.seed) for p in pictures]
+        return pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                    generator=generators, output_type="latent").images
+
+
+def lora_entries(gen, path: str) -> list:
+    """A LoRA file's module entries for the generator's base model, read once per file version."""
+    from .generate import LoraFamilyError, base_kind
+    from .lora_file import detect_family, read_lora
+
+    stat = Path(path).stat()
+    stamp = (path, stat.st_mtime_ns, stat.st_size, gen.base_path)
+    if stamp not in gen.mix_files:
+        tensors, metadata = read_lora(path)
+        family = detect_family(tensors, metadata)
+        if family != "unknown" and family != base_kind(gen.family.name):
+            raise LoraFamilyError(
+                f"{Path(path).name} is a {family} LoRA but the base model {gen.base_path.name} is "
+                f"{gen.family.name}: pick a {family} base model, or a LoRA trained for {gen.family.name}")
+        if len(gen.mix_files) > 32:  # a long session's edited files: keep the cache bounded
+            gen.mix_files.clear()
+        gen.mix_files[stamp] = kohya_entries(path, tensors, pipe_parts(gen.pipe))
+    return gen.mix_files[stamp]
+
+
+def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        parts["text_encoder_2"] = pipe.text_encoder_2
+    return parts
+
+
+def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 7.0, width: int = 0, height: int = 0,
+                    sampler: str = "euler", clip_skip: int = 1, max_batch: int = 8) -> list[Image.Image]:
+    """Generator.generate for many pictures, up to max_batch per pipeline call: picture i equals the picture
+    gen.generate renders alone with the same prompt, mix and seed (to float tolerance)."""
+    from .generate import SAMPLERS, LoraSpec, decode_latents, parse_prompt_loras
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch is {max_batch}: use 1 or more pictures per call")
+    resolved = []
+    for p in pictures:
+        prompt, tagged = parse_prompt_loras(p.prompt)
+        specs = list(p.loras) + [LoraSpec(str(gen.resolve(n)), u, t) for n, u, t in tagged]
+        specs = [LoraSpec(str(Path(s.path).resolve()), *s.weights()) for s in specs]
+        resolved.append(Picture(prompt, specs, p.negative_prompt, p.seed))
+    files = {s.path: lora_entries(gen, s.path) for p in resolved for s in p.loras}
+    gen.set_loras([])  # the base weights: the LoRAs come in as per-sample branches
+    cls, extra = SAMPLERS[sampler]
+    gen.pipe.scheduler = cls.from_config(gen.pipe.scheduler.config, **extra)
+    size = gen.pipe.unet.config.sample_size * gen.pipe.vae_scale_factor
+    images = []
+    for start in range(0, len(resolved), max_batch):
+        chunk = resolved[start:start + max_batch]
+        used = {s.path: files[s.path] for p in chunk for s in p.loras}
+        latents = render_latents(gen.pipe, chunk, used, steps, cfg, width or size, height or size, clip_skip)
+        images += [decode_latents(gen.pipe, latents[i:i + 1]) for i in range(len(chunk))]
+    return images
