@@ -116,7 +116,7 @@ def test_full_delta_branches_equal_low_rank_ones(world):
     outs = []
     for files in ([entries], [[Full(e) for e in entries]]):
         with SampleMixes({"unet": unet}, files) as m, torch.no_grad():
-            m.weights["unet"] = weights
+            m.set_weights("unet", weights)
             outs.append(unet(x, t, ctx).sample)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
     modules = dict(unet.named_modules())

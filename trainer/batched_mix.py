@@ -86,6 +86,21 @@ class _Branch:
             self.rank_scale = torch.cat([torch.full((d.shape[0],), s) for _, d, _, s in self.low]).to(w.device, w.dtype)
         self.full = [(l, d.to(w.device, w.dtype).reshape(w.shape)) for l, d in self.full]
 
+    def set_weights(self, w: torch.Tensor | None) -> None:
+        """w: [B, L] per-picture weights of the L LoRAs, or None (branches off)."""
+        self.w, self._tiled = w, {}
+
+    def _scales(self, n: int):
+        """(w [n, L], rank-column scales [n, R] or None, any low-rank weight non-zero) for a batch of n samples:
+        the B rows tiled, as the pipeline concatenates [uncond; cond] under guidance (tile, not interleave)."""
+        if n not in self._tiled:
+            b = self.w.shape[0]
+            assert n % b == 0, f"a batch of {n} samples for {b} pictures"
+            w = self.w.repeat(n // b, 1).to(self.layer.weight.device, self.layer.weight.dtype)
+            s = w[:, self.owner] * self.rank_scale if self.low else None
+            self._tiled[n] = (w, s, s is not None and bool(s.any()))
+        return self._tiled[n]
+
     def _apply(self, x: torch.Tensor, weight: torch.Tensor, is_up: bool = False) -> torch.Tensor:
         if isinstance(self.layer, torch.nn.Conv2d):
             if is_up:
@@ -94,28 +109,28 @@ class _Branch:
             return F.conv2d(x, weight, None, c.stride, c.padding, c.dilation, c.groups)
         return F.linear(x, weight.flatten(1) if weight.dim() > 2 else weight)
 
-    def add(self, x: torch.Tensor, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """out + this module's branches for input x; w: [N, L] per-sample weights of the L LoRAs."""
+    def add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + this module's branches for input x (in place when no gradients are recorded: no copy of out)."""
+        w, s, low_active = self._scales(x.shape[0])
+        inplace = not torch.is_grad_enabled() and out.is_contiguous()
         conv = isinstance(self.layer, torch.nn.Conv2d)
-        if self.low:
-            s = w[:, self.owner] * self.rank_scale  # [N, R]
-            if bool(s.any()):
-                h = self._apply(x, self.down)
-                shape = (s.shape[0], -1, 1, 1) if conv else (s.shape[0],) + (1,) * (h.dim() - 2) + (-1,)
-                out = out + self._apply(h * s.view(shape), self.up, is_up=True)
+        if low_active:
+            h = self._apply(x, self.down)
+            h = h * (s.view(s.shape[0], -1, 1, 1) if conv else s.view((s.shape[0],) + (1,) * (h.dim() - 2) + (-1,)))
+            h = self._apply(h, self.up, is_up=True)
+            out = out.add_(h) if inplace else out + h
         for l, delta in self.full:
             if bool(w[:, l].any()):
-                shape = (-1,) + (1,) * (out.dim() - 1)
-                out = out + self._apply(x, delta) * w[:, l].view(shape)
+                h = self._apply(x, delta) * w[:, l].view((-1,) + (1,) * (out.dim() - 1))
+                out = out.add_(h) if inplace else out + h
         return out
 
 
 class SampleMixes:
-    """Forward hooks on every module a LoRA of the batch touches; `weights[part]` is [B, L] (set per call)."""
+    """Forward hooks on every module a LoRA of the batch touches; set_weights(part, [B, L]) before each call."""
 
     def __init__(self, parts: dict[str, torch.nn.Module], files: list[list]):
         self.parts = parts
-        self.weights: dict[str, torch.Tensor] = {}
         self.branches: dict[tuple[str, str], _Branch] = {}
         modules = {part: dict(model.named_modules()) for part, model in parts.items()}
         for l, entries in enumerate(files):
@@ -130,12 +145,18 @@ class SampleMixes:
                     branch.full.append((l, e.delta()))
         for branch in self.branches.values():
             branch.finish()
+            branch.set_weights(None)
         self._handles = []
+
+    def set_weights(self, part: str, w: torch.Tensor | None) -> None:
+        for (p, _), branch in self.branches.items():
+            if p == part:
+                branch.set_weights(w)
 
     def __enter__(self) -> "SampleMixes":
         modules = {part: dict(model.named_modules()) for part, model in self.parts.items()}
         for (part, name), branch in self.branches.items():
-            self._handles.append(modules[part][name].register_forward_hook(self._hook(part, branch)))
+            self._handles.append(modules[part][name].register_forward_hook(self._hook(branch)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,15 +164,10 @@ class SampleMixes:
             h.remove()
         self._handles = []
 
-    def _hook(self, part: str, branch: _Branch):
+    @staticmethod
+    def _hook(branch: _Branch):
         def hook(_module, args, out):
-            w = self.weights.get(part)
-            if w is None:
-                return out
-            x = args[0]
-            n, b = x.shape[0], w.shape[0]
-            assert n % b == 0, f"a batch of {n} samples for {b} pictures"
-            return branch.add(x, out, w.repeat(n // b, 1).to(out.dtype))  # [uncond; cond]: tile, not interleave
+            return out if branch.w is None else branch.add(args[0], out)
         return hook
 
 
@@ -177,15 +193,15 @@ def weight_matrix(pictures: list[Picture], paths: list[str], te: bool) -> torch.
 def encode_mixed(mixes: SampleMixes, text_encoders: list, tokenizers: list, pictures: list[Picture],
                  te_weights: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
     """generate.encode_prompt for a batch, each prompt through the text encoders with its own picture's mix."""
-    for part in mixes.parts:
-        if part.startswith("text_encoder"):
-            mixes.weights[part] = te_weights
+    encoder_parts = [part for part in mixes.parts if part.startswith("text_encoder")]
+    for part in encoder_parts:
+        mixes.set_weights(part, te_weights)
     try:
         emb, pooled = encode_text(text_encoders, tokenizers, [p.prompt for p in pictures], clip_skip)
         neg, neg_pooled = encode_text(text_encoders, tokenizers, [p.negative_prompt for p in pictures], clip_skip)
     finally:
-        for part in [p for p in mixes.weights if p.startswith("text_encoder")]:
-            del mixes.weights[part]
+        for part in encoder_parts:
+            mixes.set_weights(part, None)
     out = {"prompt_embeds": emb, "negative_prompt_embeds": neg}
     if pooled is not None:
         empty = torch.tensor([not p.negative_prompt for p in pictures], device=neg.device)
@@ -206,7 +222,7 @@ def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps:
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
     with SampleMixes(pipe_parts(pipe), [files[p] for p in paths]) as mixes:
         embeds = encode_mixed(mixes, encoders, tokenizers, pictures, weight_matrix(pictures, paths, te=True), clip_skip)
-        mixes.weights["unet"] = weight_matrix(pictures, paths, te=False)
+        mixes.set_weights("unet", weight_matrix(pictures, paths, te=False))
         kwargs = {k: v.to(pipe.unet.device, pipe.unet.dtype) for k, v in embeds.items()}
         generators = [torch.Generator("cpu").manual_seed(p.seed) for p in pictures]
         return pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
