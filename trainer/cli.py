@@ -97,12 +97,32 @@ def cmd_generate(args) -> int:
     specs = [_lora_arg(item) for item in args.lora or []]
     gen = Generator(lora_dirs=[Path(s.path).parent for s in specs] + [Path("models/Lora")])
     gen.load(args.base_model or default_base_model())
-    image = gen.generate(args.prompt, specs, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
-                         cfg=args.cfg, width=args.width or 0, height=args.height or 0, sampler=args.sampler)
+    common = dict(steps=args.steps, cfg=args.cfg, width=args.width or 0, height=args.height or 0,
+                  sampler=args.sampler)
+    if args.grid:
+        image = _grid(gen, args, specs, common)
+    else:
+        image = gen.generate(args.prompt, specs, negative_prompt=args.negative, seed=args.seed, **common)
     with atomic_path(args.out) as tmp:
         image.save(tmp, format=image_format)
     print(f"saved {args.out}")
     return 0
+
+
+def _grid(gen, args, specs, common):
+    """--grid X [--grid Y]: every picture of the grid in batched calls (trainer/xy_grid.py)."""
+    from .batched_mix import Picture
+    from .xy_grid import parse_axis, render_grid
+
+    if len(args.grid) > 2:
+        raise ValueError(f"--grid was given {len(args.grid)} times: give one (columns) or two (columns, rows)")
+    axes = [parse_axis(text, lambda ref: Path(ref) if Path(ref).is_file() else gen.resolve(ref), args.prompt)
+            for text in args.grid]
+    base = Picture(args.prompt, specs, args.negative, args.seed)
+    image, images = render_grid(gen, base, axes[0], axes[1] if len(axes) > 1 else None, max_batch=args.max_batch,
+                                **common)
+    print(f"{len(images)} pictures in a {len(images) // len(axes[0].values)}×{len(axes[0].values)} grid")
+    return image
 
 
 def cmd_inspect(args) -> int:
@@ -248,7 +268,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--sampler", default="euler")
-    g.add_argument("--out", required=True)
+    g.add_argument("--grid", action="append", metavar="KIND[:LORA]=V1,V2,…",
+                   help="an XY grid axis: the first --grid gives the columns, a second the rows. KIND: weight:LORA, "
+                        "unet:LORA, te:LORA (that LoRA's weights), lora (FILE[:W] values, or none), prompt (whole "
+                        "prompts split by |), sr (search/replace in --prompt, split by |), seed. All pictures are "
+                        "rendered in batched calls, each with its own mix")
+    g.add_argument("--max-batch", type=int, default=8, help="pictures per batched call with --grid (memory)")
+    g.add_argument("--out", required=True, help="the picture (with --grid: the labelled grid) to write")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="family, format, rank, alpha, module counts and metadata of a LoRA file")
