@@ -8,7 +8,7 @@ import torch
 
 import tiny_models
 from trainer.batched_mix import LowRank, Picture, SampleMixes, kohya_entries, render_latents, render_pictures
-from trainer.generate import Generator, LoraFamilyError, LoraSpec, encode_prompt
+from trainer.generate import Generator, GenerationCancelled, LoraFamilyError, LoraSpec, encode_prompt
 from trainer.lora_file import read_lora
 
 
@@ -139,8 +139,13 @@ def test_hooks_are_removed_and_a_foreign_family_is_refused(world, tmp_path):
     if family != "sd1":
         pytest.skip("the sdxl world's files are of its own family")
     plain = np.asarray(gen.generate("a red circle", [], steps=2, seed=4))
-    render_pictures(gen, mixes(loras)[:2], steps=2)
-    assert np.array_equal(np.asarray(gen.generate("a red circle", [], steps=2, seed=4)), plain)
+    calls = []
+    render_pictures(gen, mixes(loras)[:3], steps=2, max_batch=2,
+                    progress=lambda step, total, latents: calls.append((step, total, latents.shape[0])))
+    assert calls == [(2, 4, 2), (4, 4, 2), (1, 2, 1), (2, 2, 1)]  # picture-steps: the UI's bar counts 2 × 3
+    with pytest.raises(GenerationCancelled):  # Cancel: the progress callback returns True
+        render_pictures(gen, mixes(loras)[:2], steps=2, progress=lambda *_: True)
+    assert np.array_equal(np.asarray(gen.generate("a red circle", [], steps=2, seed=4)), plain)  # hooks removed
     pipe, encoders, cfg = tiny_models.lora_pipeline("sdxl")
     xl = tiny_models.export_kohya(pipe, encoders, cfg, tmp_path / "xl.safetensors", family="sdxl")
     with pytest.raises(LoraFamilyError, match="xl.safetensors is a sdxl LoRA but the base model base is sd1"):

@@ -214,7 +214,7 @@ def encode_mixed(mixes: SampleMixes, text_encoders: list, tokenizers: list, pict
 
 @torch.no_grad()
 def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps: int, cfg: float, width: int,
-                   height: int, clip_skip: int = 1) -> torch.Tensor:
+                   height: int, clip_skip: int = 1, on_step_end=None) -> torch.Tensor:
     """The pictures' final latents [B, C, h, w] in one pipeline call. `files` maps each LoraSpec.path of the
     pictures' mixes to its module entries. The pipeline's own LoRAs must be off (base weights)."""
     paths = list(files)
@@ -226,7 +226,7 @@ def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps:
         kwargs = {k: v.to(pipe.unet.device, pipe.unet.dtype) for k, v in embeds.items()}
         generators = [torch.Generator("cpu").manual_seed(p.seed) for p in pictures]
         return pipe(**kwargs, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                    generator=generators, output_type="latent").images
+                    generator=generators, output_type="latent", callback_on_step_end=on_step_end).images
 
 
 def lora_entries(gen, path: str) -> list:
@@ -257,10 +257,12 @@ def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
 
 
 def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 7.0, width: int = 0, height: int = 0,
-                    sampler: str = "euler", clip_skip: int = 1, max_batch: int = 8) -> list[Image.Image]:
+                    sampler: str = "euler", clip_skip: int = 1, max_batch: int = 8,
+                    progress=None) -> list[Image.Image]:
     """Generator.generate for many pictures, up to max_batch per pipeline call: picture i equals the picture
-    gen.generate renders alone with the same prompt, mix and seed (to float tolerance)."""
-    from .generate import SAMPLERS, LoraSpec, decode_latents, parse_prompt_loras
+    gen.generate renders alone with the same prompt, mix and seed (to float tolerance). progress: generate's,
+    counted in picture-steps (a call of k pictures reports k per step; all calls reach steps × pictures)."""
+    from .generate import SAMPLERS, LoraSpec, _step_callback, decode_latents, parse_prompt_loras
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -281,6 +283,9 @@ def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 
     for start in range(0, len(resolved), max_batch):
         chunk = resolved[start:start + max_batch]
         used = {s.path: files[s.path] for p in chunk for s in p.loras}
-        latents = render_latents(gen.pipe, chunk, used, steps, cfg, width or size, height or size, clip_skip)
+        k = len(chunk)
+        scaled = None if progress is None else (lambda step, total, lat, k=k: progress(step * k, total * k, lat))
+        latents = render_latents(gen.pipe, chunk, used, steps, cfg, width or size, height or size, clip_skip,
+                                 _step_callback(scaled, steps))
         images += [decode_latents(gen.pipe, latents[i:i + 1]) for i in range(len(chunk))]
     return images
