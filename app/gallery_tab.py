@@ -19,6 +19,7 @@ from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
 from app.live_generation import LiveGeneration, progress_html
 from app.tools_panel import ToolsPanel
+from app.xy_grid_panel import build_xy_grid
 from trainer.atomic import atomic_path
 from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
 from trainer.lora_file import LoraFileError, inspect_lora
@@ -293,6 +294,8 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
             sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-sweep")
         sweep_progress = gr.HTML(elem_id="sweep-progress")
         sweep_image = gr.Image(label="Sweep", type="filepath", interactive=False, elem_id="sweep-image")
+    build_xy_grid(folders, live, index, base, [prompt, negative, seed, steps, cfg, width, height, sampler], slots,
+                  [refresh_btn.click, tab.select, demo.load])
 
     # ---- wiring ----
     listing = shown_as_gr_error(functools.partial(list_loras, index))
