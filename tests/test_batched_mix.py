@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import tiny_models
-from trainer.batched_mix import LowRank, Picture, SampleMixes, kohya_entries, render_latents, render_pictures
+from trainer.batched_mix import Picture, SampleMixes, Unwrapped, lora_entries, render_latents, render_pictures
 from trainer.generate import Generator, GenerationCancelled, LoraFamilyError, LoraSpec, encode_prompt
-from trainer.lora_file import read_lora
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
@@ -59,10 +58,7 @@ def mixes(loras):
 def test_each_picture_equals_the_picture_rendered_alone(world, cfg):
     family, loras, gen = world
     pictures = mixes(loras)
-    files = {s.path: kohya_entries(s.path, read_lora(s.path)[0], {"unet": gen.pipe.unet,
-             "text_encoder": gen.pipe.text_encoder, **({"text_encoder_2": gen.pipe.text_encoder_2}
-                                                       if family == "sdxl" else {})})
-             for p in pictures for s in p.loras}
+    files = {s.path: lora_entries(gen, s.path) for p in pictures for s in p.loras}  # lora_formats' ModuleDeltas
     alone = torch.cat([single_latents(gen, p, 3, cfg) for p in pictures])
     gen.set_loras([])
     together = render_latents(gen.pipe, pictures, files, 3, cfg, 64, 64)
@@ -98,12 +94,10 @@ def test_full_delta_branches_equal_low_rank_ones(world):
         pytest.skip("one family is enough for the hook arithmetic")
     unet = gen.pipe.unet
     gen.set_loras([])
-    entries = kohya_entries("style", read_lora(loras / "style.safetensors")[0], {"unet": unet,
-                            "text_encoder": gen.pipe.text_encoder})
-    entries = [e for e in entries if e.part == "unet"]
+    entries = [e for e in lora_entries(gen, str(loras / "style.safetensors")) if e.part == "unet"]
 
     class Full:  # a LoHa-like entry: only its full delta is known
-        def __init__(self, e: LowRank):
+        def __init__(self, e):
             self.part, self.module, self.up = e.part, e.module, None
             self._delta = e.delta()
 
@@ -119,7 +113,7 @@ def test_full_delta_branches_equal_low_rank_ones(world):
             m.set_weights("unet", weights)
             outs.append(unet(x, t, ctx).sample)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
-    modules = dict(unet.named_modules())
+    modules = dict(Unwrapped(unet).named_modules())  # the plain layers, inside PEFT wrappers if any
     saved = {e.module: modules[e.module].weight.detach().clone() for e in entries}
     try:
         for n, w in enumerate(weights[:, 0].tolist()):

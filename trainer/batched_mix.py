@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .conditioning import encode_text
-from .lora_file import LoraFileError, kohya_module_name, text_encoder_prefixes
+from .lora_file import LoraFileError
 
 
 @dataclass
@@ -32,48 +32,26 @@ class Picture:
     seed: int = 0
 
 
-@dataclass
-class LowRank:
-    """A plain LoRA entry of one module: ΔW = scale · up @ down (the fields lora_formats.ModuleDelta shares)."""
-    part: str  # unet | text_encoder | text_encoder_2
-    module: str  # path as in named_modules()
-    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
-    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
-    scale: float  # alpha / r
+class Unwrapped:
+    """A model's modules named as without PEFT's wrappers (`…to_q.base_layer` → `…to_q`): the single-picture path
+    may have left its adapters in place (disabled), and LoRA files name the plain modules."""
 
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.up.flatten(1).float() @ self.down.flatten(1).float())
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, getattr(model, "config", None)
 
-
-def kohya_entries(path, tensors: dict[str, torch.Tensor], parts: dict[str, torch.nn.Module]) -> list[LowRank]:
-    """Our own kohya files (lora_file.to_kohya's names) → entries per module."""
-    encoders = sorted(p for p in parts if p.startswith("text_encoder"))
-    prefixes = {"unet": "lora_unet_", **dict(zip(encoders, text_encoder_prefixes(len(encoders))))}
-    by_name = {}
-    for part, model in parts.items():
-        for name, _ in model.named_modules():
-            key = prefixes[part] + name.replace(".", "_") if part == "unet" else kohya_module_name(prefixes[part], name)
-            by_name[key] = (part, name)
-    entries = []
-    for key, down in tensors.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key[: -len(".lora_down.weight")]
-        if name not in by_name:
-            raise LoraFileError(f"{path}: module {name} is not in this base model; is the LoRA for another model?")
-        alpha = tensors.get(f"{name}.alpha")
-        rank = down.shape[0]
-        part, module = by_name[name]
-        entries.append(LowRank(part, module, tensors[f"{name}.lora_up.weight"], down,
-                               (float(alpha) if alpha is not None else rank) / rank))
-    return entries
+    def named_modules(self):
+        wrapped = {n for n, m in self.model.named_modules() if hasattr(m, "base_layer")}
+        for name, module in self.model.named_modules():
+            if name in wrapped or name.rsplit(".lora_", 1)[0] in wrapped:  # the wrapper, its lora_A/B/dropout
+                continue
+            yield name.removesuffix(".base_layer"), module
 
 
 class _Branch:
     """The LoRA branches of one module, from any number of LoRAs (index l in the batch's list of files)."""
 
     def __init__(self, layer: torch.nn.Module):
-        self.layer = getattr(layer, "base_layer", layer)  # under a PEFT wrapper, the real layer's geometry
+        self.layer = layer
         self.low: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         self.full: list[tuple[int, torch.Tensor]] = []
 
@@ -132,7 +110,7 @@ class SampleMixes:
     def __init__(self, parts: dict[str, torch.nn.Module], files: list[list]):
         self.parts = parts
         self.branches: dict[tuple[str, str], _Branch] = {}
-        modules = {part: dict(model.named_modules()) for part, model in parts.items()}
+        modules = {part: dict(Unwrapped(model).named_modules()) for part, model in parts.items()}
         for l, entries in enumerate(files):
             for e in entries:
                 key = (e.part, e.module)
@@ -154,9 +132,8 @@ class SampleMixes:
                 branch.set_weights(w)
 
     def __enter__(self) -> "SampleMixes":
-        modules = {part: dict(model.named_modules()) for part, model in self.parts.items()}
-        for (part, name), branch in self.branches.items():
-            self._handles.append(modules[part][name].register_forward_hook(self._hook(branch)))
+        for branch in self.branches.values():  # on the plain layer: inside a PEFT wrapper, its base_layer
+            self._handles.append(branch.layer.register_forward_hook(self._hook(branch)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,22 +207,26 @@ def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps:
 
 
 def lora_entries(gen, path: str) -> list:
-    """A LoRA file's module entries for the generator's base model, read once per file version."""
+    """A LoRA file's per-module entries (lora_formats.ModuleDelta) for the generator's base model, read once per
+    file version; refused like the single-picture path refuses it (another family, NaN weights)."""
     from .generate import LoraFamilyError, base_kind
-    from .lora_file import detect_family, read_lora
+    from .lora_formats import module_deltas, read_lora
 
     stat = Path(path).stat()
     stamp = (path, stat.st_mtime_ns, stat.st_size, gen.base_path)
     if stamp not in gen.mix_files:
-        tensors, metadata = read_lora(path)
-        family = detect_family(tensors, metadata)
-        if family != "unknown" and family != base_kind(gen.family.name):
+        lora = read_lora(path)
+        if any(not torch.isfinite(t).all() for e in lora.entries for t in e.tensors.values()):
+            raise LoraFileError(f"{Path(path).name} holds NaN or inf weights (its training diverged); "
+                                "export an earlier checkpoint of its run instead")
+        if lora.family != "unknown" and lora.family != base_kind(gen.family.name):
             raise LoraFamilyError(
-                f"{Path(path).name} is a {family} LoRA but the base model {gen.base_path.name} is "
-                f"{gen.family.name}: pick a {family} base model, or a LoRA trained for {gen.family.name}")
+                f"{Path(path).name} is a {lora.family} LoRA but the base model {gen.base_path.name} is "
+                f"{gen.family.name}: pick a {lora.family} base model, or a LoRA trained for {gen.family.name}")
         if len(gen.mix_files) > 32:  # a long session's edited files: keep the cache bounded
             gen.mix_files.clear()
-        gen.mix_files[stamp] = kohya_entries(path, tensors, pipe_parts(gen.pipe))
+        parts = {part: Unwrapped(model) for part, model in pipe_parts(gen.pipe).items()}
+        gen.mix_files[stamp] = module_deltas(lora, parts)
     return gen.mix_files[stamp]
 
 

@@ -7,7 +7,8 @@ topology at 256 px (860M-parameter UNet, its VAE and CLIP-L, built in code with 
 downloaded; random weights cost the same FLOPs as trained ones). The LoRA is a random rank-8 kohya file over
 kohya's default targets (UNet and text encoder), written by this script. Both paths are the Gallery's: "separate"
 is Generator.generate once per weight (the single-picture path), "batched" is Generator.sweep (one pipeline call,
-the UNet at batch 10 under classifier-free guidance). Repeats alternate the order (AB, BA, ...); the median counts.
+the UNet at batch 10 under classifier-free guidance), "floor" five pictures without any LoRA (what a single-picture
+path merging ΔW into the weights costs at best). Repeats alternate the order (AB, BA, ...); the median counts.
 Wall seconds and process CPU seconds are both printed; with one thread on a shared machine CPU seconds measure the
 work itself and the verdicts use them. The pictures of both paths are compared (largest uint8 difference).
 The arithmetic for a GPU: FLOPs and aten kernel calls of one UNet call, counted at batch 2 and 10.
@@ -121,17 +122,21 @@ def bench(name: str, gen: Generator, lora: Path, size: int, steps: int, repeats:
     def separate():
         return [gen.generate(PROMPT, [LoraSpec(str(lora), w)], **kw) for w in WEIGHTS]
 
+    def merged_floor():  # what a single-picture path that merges ΔW into the weights costs at best: no LoRA work
+        return [gen.generate(PROMPT, [], **kw) for _ in WEIGHTS]
+
     def batched():
         return gen.sweep(PROMPT, LoraSpec(str(lora)), WEIGHTS, negative_prompt="", **kw)[1]
 
     gen.generate(PROMPT, [LoraSpec(str(lora), 0.5)], **{**kw, "steps": 1})  # first calls: allocator, adapter load
     gen.sweep(PROMPT, LoraSpec(str(lora)), WEIGHTS[:2], **{**kw, "steps": 1})
-    runs = {"separate": [], "batched": []}
+    paths = {"separate": separate, "batched": batched, "floor": merged_floor}
+    runs = {name: [] for name in paths}
     images = {}
     for r in range(repeats):
-        order = ("separate", "batched") if r % 2 == 0 else ("batched", "separate")
+        order = list(paths) if r % 2 == 0 else list(paths)[::-1]
         for which in order:
-            wall, cpu, images[which] = clock(separate if which == "separate" else batched)
+            wall, cpu, images[which] = clock(paths[which])
             runs[which].append((wall, cpu))
             print(f"  {name} {which}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
     diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
@@ -142,6 +147,7 @@ def bench(name: str, gen: Generator, lora: Path, size: int, steps: int, repeats:
         result[f"{which}_cpu_s"] = median(v[1] for v in values)
     result["ratio_cpu"] = result["batched_cpu_s"] / result["separate_cpu_s"]
     result["ratio_wall"] = result["batched_wall_s"] / result["separate_wall_s"]
+    result["ratio_cpu_vs_floor"] = result["batched_cpu_s"] / result["floor_cpu_s"]
     result.update(unet_arithmetic(gen, size))
     return result
 
@@ -176,6 +182,8 @@ def main() -> int:
         print(f"{name:6} {r['size']:>4} {r['steps']:>5} {r['separate_cpu_s']:>11.2f} {r['batched_cpu_s']:>10.2f} "
               f"{r['ratio_cpu']:>6.2f} {TARGETS[name]:>6} {verdict}; wall {r['ratio_wall']:.2f}; pictures differ by "
               f"≤ {r['max_pixel_difference']} of 255")
+        print(f"       against five pictures without any LoRA work ({r['floor_cpu_s']:.2f} s, the best a single-picture "
+              f"path that merges ΔW into the weights can do): {r['ratio_cpu_vs_floor']:.2f}")
         print(f"       UNet call: {r['gflop_batch2']:.1f} GFLOP and {r['aten_calls_batch2']} aten calls at batch 2, "
               f"{r['gflop_batch10']:.1f} GFLOP and {r['aten_calls_batch10']} at batch 10; "
               f"{r['unet_params'] * 2 / 1e9:.2f} GB of fp16 weights read per call")
