@@ -144,3 +144,36 @@ def test_hooks_are_removed_and_a_foreign_family_is_refused(world, tmp_path):
     xl = tiny_models.export_kohya(pipe, encoders, cfg, tmp_path / "xl.safetensors", family="sdxl")
     with pytest.raises(LoraFamilyError, match="xl.safetensors is a sdxl LoRA but the base model base is sd1"):
         render_pictures(gen, [Picture("a cat", [LoraSpec(str(xl))])], steps=1)
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr-factored"])
+def test_lycoris_files_in_a_batch_equal_their_delta_merged_by_hand(world, tmp_path, kind):
+    """LoCon (3×3 convolutions: the down branch takes the layer's kernel), LoHa and LoKr (full-delta branches): each
+    picture equals the base model with w·ΔW added to its weights, ΔW computed in numpy by tests/lora_fixtures.py."""
+    from lora_fixtures import write_lora
+
+    family, loras, gen = world
+    if family != "sd1":
+        pytest.skip("one family is enough for the formats")
+    gen.set_loras([])
+    parts = {"unet": gen.pipe.unet, "text_encoder": gen.pipe.text_encoder}
+    path = tmp_path / f"{kind}.safetensors"
+    expected = write_lora(path, kind, {p: Unwrapped(m) for p, m in parts.items()}, rank=4, alpha=2.0, seed=5,
+                          metadata={"ss_base_model_version": "sd_v1"})
+    pictures = [Picture("a red circle", [LoraSpec(str(path), w)], seed=2) for w in (0.7, -0.5)]
+    together = render_latents(gen.pipe, pictures, {str(path): lora_entries(gen, str(path))}, 3, 5.0, 64, 64)
+    modules = {p: dict(Unwrapped(m).named_modules()) for p, m in parts.items()}
+    saved = {key: modules[key[0]][key[1]].weight.detach().clone() for key in expected}
+    try:
+        for n, picture in enumerate(pictures):
+            for (part, name), delta in expected.items():
+                weight = modules[part][name].weight
+                weight.data = saved[(part, name)] + picture.loras[0].unet_weight * torch.from_numpy(
+                    np.asarray(delta, dtype=np.float32)).reshape(weight.shape)
+            alone = single_latents(gen, Picture(picture.prompt, [], seed=picture.seed), 3, 5.0)
+            tol = 5e-5 * alone.abs().max().item()
+            torch.testing.assert_close(together[n:n + 1], alone, atol=tol, rtol=0)
+    finally:
+        for (part, name), weight in saved.items():
+            modules[part][name].weight.data = weight
+    assert (together[0] - together[1]).abs().max() > 100 * tol

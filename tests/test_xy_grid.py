@@ -11,7 +11,7 @@ from test_app_gallery import random_lora
 from trainer.batched_mix import Picture
 from trainer.cli import main
 from trainer.generate import Generator, LoraSpec
-from trainer.xy_grid import GridError, grid_pictures, make_axis, parse_axis, render_grid
+from trainer.xy_grid import grid_pictures, make_axis, parse_axis, render_grid
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,11 @@ class KernelCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def unet_arithmetic(gen: Generator, size: int) -> dict:
+def unet_arithmetic(gen: Generator, size: int, lora: Path) -> dict:
+    """FLOPs and aten calls of one UNet call at batch 2 (one picture under guidance) and 10 (five), the latter also
+    with the batched path's LoRA hooks on."""
+    from trainer.batched_mix import SampleMixes, lora_entries, pipe_parts
+
     unet = gen.pipe.unet
     latent = size // gen.pipe.vae_scale_factor
     out = {"unet_params": sum(p.numel() for p in unet.parameters())}
@@ -113,6 +117,15 @@ def unet_arithmetic(gen: Generator, size: int) -> dict:
             unet(x, torch.tensor([500] * batch), ctx)
         out[f"gflop_batch{batch}"] = flops.get_total_flops() / 1e9
         out[f"aten_calls_batch{batch}"] = kernels.calls
+    gen.set_loras([])
+    with SampleMixes(pipe_parts(gen.pipe), [lora_entries(gen, str(Path(lora).resolve()))]) as mixes:
+        mixes.set_weights("unet", torch.linspace(0, 1, 5)[:, None])
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            unet(x, torch.tensor([500] * 10), ctx)
+        with torch.no_grad(), KernelCount() as kernels:
+            unet(x, torch.tensor([500] * 10), ctx)
+    out["gflop_batch10_hooks"] = flops.get_total_flops() / 1e9
+    out["aten_calls_batch10_hooks"] = kernels.calls
     return out
 
 
@@ -148,7 +161,7 @@ def bench(name: str, gen: Generator, lora: Path, size: int, steps: int, repeats:
     result["ratio_cpu"] = result["batched_cpu_s"] / result["separate_cpu_s"]
     result["ratio_wall"] = result["batched_wall_s"] / result["separate_wall_s"]
     result["ratio_cpu_vs_floor"] = result["batched_cpu_s"] / result["floor_cpu_s"]
-    result.update(unet_arithmetic(gen, size))
+    result.update(unet_arithmetic(gen, size, lora))
     return result
 
 
@@ -186,7 +199,8 @@ def main() -> int:
               f"path that merges ΔW into the weights can do): {r['ratio_cpu_vs_floor']:.2f}")
         print(f"       UNet call: {r['gflop_batch2']:.1f} GFLOP and {r['aten_calls_batch2']} aten calls at batch 2, "
               f"{r['gflop_batch10']:.1f} GFLOP and {r['aten_calls_batch10']} at batch 10; "
-              f"{r['unet_params'] * 2 / 1e9:.2f} GB of fp16 weights read per call")
+              f"{r['unet_params'] * 2 / 1e9:.2f} GB of fp16 weights read per call; with the LoRA hooks at batch 10: "
+              f"{r['gflop_batch10_hooks']:.1f} GFLOP, {r['aten_calls_batch10_hooks']} aten calls")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
