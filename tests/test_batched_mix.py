@@ -2,12 +2,14 @@
 of a batch must be the picture Generator.generate renders alone with the same prompt, mix and seed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import tiny_models
-from trainer.batched_mix import Picture, SampleMixes, Unwrapped, lora_entries, render_latents, render_pictures
+from trainer.batched_mix import Picture, SampleMixes, render_latents, render_pictures
 from trainer.generate import Generator, GenerationCancelled, LoraFamilyError, LoraSpec, encode_prompt
 
 
@@ -31,8 +33,13 @@ def world(request, tmp_path_factory):
     return family, loras, gen
 
 
+def deltas(gen, path):
+    """A file's lora_formats.ModuleDeltas on the generator's base, as render_pictures reads them."""
+    return gen._read(Path(path).resolve())[1]
+
+
 def single_latents(gen, picture: Picture, steps, cfg):
-    """The single-picture path: the mix set through Generator.set_loras (PEFT adapters), one prompt, one seed."""
+    """The single-picture path: the mix merged into the weights by Generator.set_loras, one prompt, one seed."""
     gen.set_loras(picture.loras)
     pipe = gen.pipe
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
@@ -58,7 +65,7 @@ def mixes(loras):
 def test_each_picture_equals_the_picture_rendered_alone(world, cfg):
     family, loras, gen = world
     pictures = mixes(loras)
-    files = {s.path: lora_entries(gen, s.path) for p in pictures for s in p.loras}  # lora_formats' ModuleDeltas
+    files = {s.path: deltas(gen, s.path) for p in pictures for s in p.loras}
     alone = torch.cat([single_latents(gen, p, 3, cfg) for p in pictures])
     gen.set_loras([])
     together = render_latents(gen.pipe, pictures, files, 3, cfg, 64, 64)
@@ -94,7 +101,7 @@ def test_full_delta_branches_equal_low_rank_ones(world):
         pytest.skip("one family is enough for the hook arithmetic")
     unet = gen.pipe.unet
     gen.set_loras([])
-    entries = [e for e in lora_entries(gen, str(loras / "style.safetensors")) if e.part == "unet"]
+    entries = [e for e in deltas(gen, loras / "style.safetensors") if e.part == "unet"]
 
     class Full:  # a LoHa-like entry: only its full delta is known
         def __init__(self, e):
@@ -113,7 +120,7 @@ def test_full_delta_branches_equal_low_rank_ones(world):
             m.set_weights("unet", weights)
             outs.append(unet(x, t, ctx).sample)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
-    modules = dict(Unwrapped(unet).named_modules())  # the plain layers, inside PEFT wrappers if any
+    modules = dict(unet.named_modules())
     saved = {e.module: modules[e.module].weight.detach().clone() for e in entries}
     try:
         for n, w in enumerate(weights[:, 0].tolist()):
@@ -158,11 +165,11 @@ def test_lycoris_files_in_a_batch_equal_their_delta_merged_by_hand(world, tmp_pa
     gen.set_loras([])
     parts = {"unet": gen.pipe.unet, "text_encoder": gen.pipe.text_encoder}
     path = tmp_path / f"{kind}.safetensors"
-    expected = write_lora(path, kind, {p: Unwrapped(m) for p, m in parts.items()}, rank=4, alpha=2.0, seed=5,
+    expected = write_lora(path, kind, parts, rank=4, alpha=2.0, seed=5,
                           metadata={"ss_base_model_version": "sd_v1"})
     pictures = [Picture("a red circle", [LoraSpec(str(path), w)], seed=2) for w in (0.7, -0.5)]
-    together = render_latents(gen.pipe, pictures, {str(path): lora_entries(gen, str(path))}, 3, 5.0, 64, 64)
-    modules = {p: dict(Unwrapped(m).named_modules()) for p, m in parts.items()}
+    together = render_latents(gen.pipe, pictures, {str(path): deltas(gen, path)}, 3, 5.0, 64, 64)
+    modules = {p: dict(m.named_modules()) for p, m in parts.items()}
     saved = {key: modules[key[0]][key[1]].weight.detach().clone() for key in expected}
     try:
         for n, picture in enumerate(pictures):

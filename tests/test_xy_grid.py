@@ -10,6 +10,7 @@ import tiny_models
 from test_app_gallery import random_lora
 from trainer.batched_mix import Picture
 from trainer.cli import main
+from trainer.errors import StudioError
 from trainer.generate import Generator, LoraSpec
 from trainer.xy_grid import grid_pictures, make_axis, parse_axis, render_grid
 
@@ -66,7 +67,7 @@ def test_axes_set_each_cells_mix_prompt_and_seed(world):
 ])
 def test_bad_axes_name_the_value_and_the_fix(world, text, message):
     gen = world[-1]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StudioError, match=message):
         parse_axis(text, gen.resolve, "a red circle")
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .conditioning import encode_text
-from .lora_file import LoraFileError
+from .errors import StudioError
 
 
 @dataclass
@@ -30,21 +30,6 @@ class Picture:
     loras: list = field(default_factory=list)  # generate.LoraSpec
     negative_prompt: str = ""
     seed: int = 0
-
-
-class Unwrapped:
-    """A model's modules named as without PEFT's wrappers (`…to_q.base_layer` → `…to_q`): the single-picture path
-    may have left its adapters in place (disabled), and LoRA files name the plain modules."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.config = model, getattr(model, "config", None)
-
-    def named_modules(self):
-        wrapped = {n for n, m in self.model.named_modules() if hasattr(m, "base_layer")}
-        for name, module in self.model.named_modules():
-            if name in wrapped or name.rsplit(".lora_", 1)[0] in wrapped:  # the wrapper, its lora_A/B/dropout
-                continue
-            yield name.removesuffix(".base_layer"), module
 
 
 class _Branch:
@@ -62,6 +47,8 @@ class _Branch:
             self.up = torch.cat([u for _, _, u, _ in self.low], dim=1).to(w.device, w.dtype)
             self.owner = torch.cat([torch.full((d.shape[0],), l) for l, d, _, _ in self.low]).to(w.device)
             self.rank_scale = torch.cat([torch.full((d.shape[0],), s) for _, d, _, s in self.low]).to(w.device, w.dtype)
+            if isinstance(self.layer, torch.nn.Linear):  # transposed once: a step then runs two plain mm's
+                self.down_t, self.up_t = self.down.t().contiguous(), self.up.t().contiguous()
         self.full = [(l, d.to(w.device, w.dtype).reshape(w.shape)) for l, d in self.full]
 
     def set_weights(self, w: torch.Tensor | None) -> None:
@@ -92,7 +79,11 @@ class _Branch:
         w, s, low_active = self._scales(x.shape[0])
         inplace = not torch.is_grad_enabled() and out.is_contiguous()
         conv = isinstance(self.layer, torch.nn.Conv2d)
-        if low_active:
+        if low_active and not conv and inplace:  # the common case in fewer ops (F.linear on 3-D input makes ~6)
+            h = torch.mm(x.reshape(-1, x.shape[-1]), self.down_t)  # [N·T, R]
+            h = h.view(s.shape[0], -1, s.shape[1]).mul_(s.unsqueeze(1))  # each sample's rank columns scaled
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, s.shape[1]), self.up_t)
+        elif low_active:
             h = self._apply(x, self.down)
             h = h * (s.view(s.shape[0], -1, 1, 1) if conv else s.view((s.shape[0],) + (1,) * (h.dim() - 2) + (-1,)))
             h = self._apply(h, self.up, is_up=True)
@@ -110,7 +101,7 @@ class SampleMixes:
     def __init__(self, parts: dict[str, torch.nn.Module], files: list[list]):
         self.parts = parts
         self.branches: dict[tuple[str, str], _Branch] = {}
-        modules = {part: dict(Unwrapped(model).named_modules()) for part, model in parts.items()}
+        modules = {part: dict(model.named_modules()) for part, model in parts.items()}
         for l, entries in enumerate(files):
             for e in entries:
                 key = (e.part, e.module)
@@ -132,7 +123,7 @@ class SampleMixes:
                 branch.set_weights(w)
 
     def __enter__(self) -> "SampleMixes":
-        for branch in self.branches.values():  # on the plain layer: inside a PEFT wrapper, its base_layer
+        for branch in self.branches.values():
             self._handles.append(branch.layer.register_forward_hook(self._hook(branch)))
         return self
 
@@ -206,31 +197,8 @@ def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps:
                     generator=generators, output_type="latent", callback_on_step_end=on_step_end).images
 
 
-def lora_entries(gen, path: str) -> list:
-    """A LoRA file's per-module entries (lora_formats.ModuleDelta) for the generator's base model, read once per
-    file version; refused like the single-picture path refuses it (another family, NaN weights)."""
-    from .generate import LoraFamilyError, base_kind
-    from .lora_formats import module_deltas, read_lora
-
-    stat = Path(path).stat()
-    stamp = (path, stat.st_mtime_ns, stat.st_size, gen.base_path)
-    if stamp not in gen.mix_files:
-        lora = read_lora(path)
-        if any(not torch.isfinite(t).all() for e in lora.entries for t in e.tensors.values()):
-            raise LoraFileError(f"{Path(path).name} holds NaN or inf weights (its training diverged); "
-                                "export an earlier checkpoint of its run instead")
-        if lora.family != "unknown" and lora.family != base_kind(gen.family.name):
-            raise LoraFamilyError(
-                f"{Path(path).name} is a {lora.family} LoRA but the base model {gen.base_path.name} is "
-                f"{gen.family.name}: pick a {lora.family} base model, or a LoRA trained for {gen.family.name}")
-        if len(gen.mix_files) > 32:  # a long session's edited files: keep the cache bounded
-            gen.mix_files.clear()
-        parts = {part: Unwrapped(model) for part, model in pipe_parts(gen.pipe).items()}
-        gen.mix_files[stamp] = module_deltas(lora, parts)
-    return gen.mix_files[stamp]
-
-
 def pipe_parts(pipe) -> dict[str, torch.nn.Module]:
+    """The models a LoRA can patch, by the names LoRA files use (Generator.parts for a bare pipeline)."""
     parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:
         parts["text_encoder_2"] = pipe.text_encoder_2
@@ -246,17 +214,18 @@ def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 
     from .generate import SAMPLERS, LoraSpec, _step_callback, decode_latents, parse_prompt_loras
 
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise StudioError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if max_batch < 1:
-        raise ValueError(f"max_batch is {max_batch}: use 1 or more pictures per call")
+        raise StudioError(f"max_batch is {max_batch}: use 1 or more pictures per call")
     resolved = []
     for p in pictures:
         prompt, tagged = parse_prompt_loras(p.prompt)
         specs = list(p.loras) + [LoraSpec(str(gen.resolve(n)), u, t) for n, u, t in tagged]
         specs = [LoraSpec(str(Path(s.path).resolve()), *s.weights()) for s in specs]
         resolved.append(Picture(prompt, specs, p.negative_prompt, p.seed))
-    files = {s.path: lora_entries(gen, s.path) for p in resolved for s in p.loras}
-    gen.set_loras([])  # the base weights: the LoRAs come in as per-sample branches
+    # every file read and checked (family, NaN, fit) as the single-picture path does, before any work
+    files = {s.path: gen._read(Path(s.path))[1] for p in resolved for s in p.loras}
+    gen.set_loras([])  # the base weights restored exactly: the LoRAs come in as per-sample branches
     cls, extra = SAMPLERS[sampler]
     gen.pipe.scheduler = cls.from_config(gen.pipe.scheduler.config, **extra)
     size = gen.pipe.unet.config.sample_size * gen.pipe.vae_scale_factor

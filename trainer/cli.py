@@ -115,7 +115,7 @@ def _grid(gen, args, specs, common):
     from .xy_grid import parse_axis, render_grid
 
     if len(args.grid) > 2:
-        raise ValueError(f"--grid was given {len(args.grid)} times: give one (columns) or two (columns, rows)")
+        raise ConfigError(f"--grid was given {len(args.grid)} times: give one (columns) or two (columns, rows)")
     axes = [parse_axis(text, lambda ref: Path(ref) if Path(ref).is_file() else gen.resolve(ref), args.prompt)
             for text in args.grid]
     base = Picture(args.prompt, specs, args.negative, args.seed)

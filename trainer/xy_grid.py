@@ -20,13 +20,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .batched_mix import Picture
+from .errors import StudioError
 from .generate import LoraSpec
 
 KINDS = ("weight", "unet", "te", "lora", "prompt", "sr", "seed")
 WEIGHT_KINDS = ("weight", "unet", "te")
 
 
-class GridError(ValueError):
+class GridError(StudioError):
     """An axis that cannot be built; the message names the value and the fix."""
 
 
@@ -119,7 +120,7 @@ def _lora_value(item: str, resolve) -> LoraSpec:
     path, sep, weight = item.rpartition(":")
     try:
         w = float(weight) if sep else 1.0
-    except ValueError:  # a path that holds ':' itself (C:\…) without a weight
+    except ValueError:  # float(): a path that holds ':' itself (C:\…) without a weight
         path, w = item, 1.0
     return LoraSpec(str(resolve(path if sep and path else item)), w)
 
