@@ -77,10 +77,13 @@ def write_loras(pipe, folder: Path, rank: int, n: int = 3) -> list[Path]:
     return paths
 
 
-def timed(fn) -> dict:
+def timed(fn, label: str = "") -> dict:
     cpu, wall = time.process_time(), time.perf_counter()
     fn()
-    return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+    row = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+    if label:  # as it goes: on a shared machine a run takes long
+        print(f"  {label}: {row['cpu_s']:.2f} CPU s, {row['wall_s']:.2f} wall s", flush=True)
+    return row
 
 
 def run(args) -> dict:
@@ -105,14 +108,15 @@ def run(args) -> dict:
     one = [LoraSpec(str(loras[0]), 0.8)]
     three = [LoraSpec(str(p), w) for p, w in zip(loras, (0.8, 0.5, 0.3))]
     timed(image([]))  # warm-up: first-call allocations
-    rows["base"] = timed(image([]))
+    rows["base"] = timed(image([]), "base")
     gen.set_loras(one)  # reading the file is a one-off, not a per-image cost
-    rows["merged 1"] = timed(image(one))
+    rows["merged 1"] = timed(image(one), "merged 1")
     gen.set_loras(three)
-    rows["merged 3"] = timed(image(three))
+    rows["merged 3"] = timed(image(three), "merged 3")
     changed = [LoraSpec(str(loras[0]), 0.8), LoraSpec(str(loras[1]), 0.6), LoraSpec(str(loras[2]), 0.3)]
-    rows["change 1"] = timed(lambda: gen.set_loras(changed))
-    rows["change 3"] = timed(lambda: gen.set_loras([LoraSpec(str(p), w) for p, w in zip(loras, (0.2, 0.4, 0.9))]))
+    rows["change 1"] = timed(lambda: gen.set_loras(changed), "change 1")
+    moved = [LoraSpec(str(p), w) for p, w in zip(loras, (0.2, 0.4, 0.9))]
+    rows["change 3"] = timed(lambda: gen.set_loras(moved), "change 3")
     gen.set_loras([])
 
     # the previous Generator: PEFT adapters, weighted per part with set_adapters, computed every step
@@ -127,10 +131,10 @@ def run(args) -> dict:
             render(pipe, PROMPT, seed=1, steps=args.steps, cfg=7.0, width=args.size, height=args.size)
         return go
 
-    rows["unmerged 1"] = timed(unmerged(1, [0.8]))
-    rows["unmerged 3"] = timed(unmerged(3, [0.8, 0.5, 0.3]))
+    rows["unmerged 1"] = timed(unmerged(1, [0.8]), "unmerged 1")
+    rows["unmerged 3"] = timed(unmerged(3, [0.8, 0.5, 0.3]), "unmerged 3")
     pipe.unload_lora_weights()
-    rows["base again"] = timed(image([]))
+    rows["base again"] = timed(image([]), "base again")
     return rows
 
 
