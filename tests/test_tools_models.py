@@ -215,3 +215,26 @@ def test_cli_bake_and_extract_round_trip(world, capsys):
             down, up = t[f"{name}.lora_down.weight"].double(), t[f"{name}.lora_up.weight"].double()
             return w * float(t[f"{name}.alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1))
         torch.testing.assert_close(delta(got), delta(given, 0.5), atol=1e-5, rtol=1e-3)
+
+
+def test_extract_takes_resnet_convolutions_with_a_conv_rank(tmp_path):
+    from trainer.lora_file import kohya_module_name
+    from trainer.tools.extract import CONV_BLOCKS
+
+    folder = tiny_models.save_diffusers("sd1", tmp_path / "base")
+    tuned = tiny_models.pipeline("sd1")
+    convs = [f"{b}.{c}" for b, block in tuned.unet.named_modules() if type(block).__name__ in CONV_BLOCKS
+             for c, m in block.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    changes = low_rank_change(tuned.unet, convs, 2, 3)
+    tuned.save_pretrained(str(tmp_path / "tuned"))
+    with pytest.raises(ToolError, match=f"unet: {len(convs)} other layers differ .*--conv-rank"):
+        extract(folder, tmp_path / "tuned", tmp_path / "attn.safetensors", rank=4)
+    with_convs = extract(folder, tmp_path / "tuned", tmp_path / "locon.safetensors", rank=4, conv_rank=2,
+                         dtype=torch.float32)
+    tensors = read_lora(with_convs.path)[0]
+    for module, change in changes.items():
+        name = kohya_module_name("lora_unet_", module)
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        assert down.shape[0] == 2 and down.shape[2:] == (3, 3) and up.shape[2:] == (1, 1)  # kohya's LoCon layout
+        torch.testing.assert_close(up.flatten(1) @ down.flatten(1), change.flatten(1), atol=2e-6, rtol=1e-4)
+    assert not any("other layers differ" in line for line in with_convs.lines)

@@ -193,7 +193,8 @@ def cmd_extract(args) -> int:
     from .tools import extract
 
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.save_precision]
-    return _report(extract(args.base_model, args.tuned, args.out, args.rank, overwrite=args.overwrite, dtype=dtype))
+    return _report(extract(args.base_model, args.tuned, args.out, args.rank, overwrite=args.overwrite, dtype=dtype,
+                           conv_rank=args.conv_rank))
 
 
 def _tool_parsers(sub) -> None:
@@ -223,6 +224,7 @@ def _tool_parsers(sub) -> None:
     e.add_argument("--base-model", required=True)
     e.add_argument("--tuned", required=True, help="the fine-tuned checkpoint")
     e.add_argument("--rank", type=int, required=True)
+    e.add_argument("--conv-rank", type=int, help="also the UNet's resnet convolutions, at this rank (a LoCon)")
     e.add_argument("--save-precision", choices=("fp16", "fp32"), default="fp16")
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

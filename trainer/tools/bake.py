@@ -130,10 +130,13 @@ def _write_folder(model, dtype: torch.dtype, configs: Path, tmp: Path) -> None:
     tmp.mkdir(parents=True)
     shutil.copy2(configs / "model_index.json", tmp / "model_index.json")
     shutil.copytree(configs / "scheduler", tmp / "scheduler")
-    model.unet.to(dtype).save_pretrained(tmp / "unet")
-    model.vae.to(dtype).save_pretrained(tmp / "vae")
+    def stored(module):  # cast only when needed: diffusers warns on every .to(dtype), even a no-op one
+        return module if module.dtype == dtype else module.to(dtype)
+
+    stored(model.unet).save_pretrained(tmp / "unet")
+    stored(model.vae).save_pretrained(tmp / "vae")
     for name, te, tok in zip(("text_encoder", "text_encoder_2"), model.text_encoders, model.tokenizers):
-        te.to(dtype).save_pretrained(tmp / name)
+        stored(te).save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name.replace("text_encoder", "tokenizer"))
 
 

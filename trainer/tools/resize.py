@@ -28,9 +28,10 @@ def low_rank(delta, rule: RankRule) -> tuple[LowRank, float, float]:
 def resize(src: str | Path, out: str | Path, rule: RankRule, overwrite: bool = False,
            progress: Progress | None = None) -> ToolResult:
     src = Path(src)
-    if rule.max_rank is not None and rule.max_rank < 1 or rule.method == "fixed" and not rule.max_rank:
-        raise ToolError(f"resize: rank {rule.max_rank} is not usable: give --rank R (a whole number ≥ 1) or "
-                        f"--dynamic METHOD:X")
+    if rule.method == "fixed" and rule.max_rank is None:
+        raise ToolError("resize needs the new rank: give --rank R (a whole number ≥ 1) or --dynamic METHOD:X")
+    if rule.max_rank is not None and rule.max_rank < 1:
+        raise ToolError(f"--rank {rule.max_rank}: the rank must be a whole number ≥ 1, e.g. --rank 8")
     out = check_output(out, [src], overwrite)
     lora = load_deltas(src)
     entries, kept, total = [], {}, {}
