@@ -42,7 +42,7 @@ from .precision import make_accelerator, resolve_precision
 from .run_folder import claim
 from .sampling import encode_samples, render_samples
 from .step_guard import CheckpointClock, NonFiniteGuard, check_weights, kept, step_is_finite
-from .stopping import StopRequested, Stopped, Window, any_process
+from .stopping import StopRequested, Stopped, Window, any_process, check
 
 
 @dataclass
@@ -155,6 +155,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     # Data: every image decoded and checked up front.
     ds = load_dataset(cfg.data, tr.seed)
     events.emit("dataset", lines=ds.report.lines(), images=len(ds.images), skipped=len(ds.report.skipped))
+    check(stop)  # a stop during loading takes effect here, before the network and the caches
     global_batch = tr.batch_size * accelerator.num_processes
     batches_per_epoch = len(ds.epoch_batches(0, global_batch))
     steps_per_epoch = math.ceil(batches_per_epoch / tr.grad_accum)
