@@ -16,7 +16,10 @@ from safetensors.torch import save_file
 import original_layout
 import tiny_models
 from trainer import models
-from trainer.models import FAMILIES, MODEL_CONFIGS_DIR, ModelError, detect_family, list_checkpoints, load_base_model
+from trainer.config import PROJECT_ROOT
+from trainer.errors import ModelError
+from trainer.families import FAMILIES, detect_family
+from trainer.models import MODEL_CONFIGS_DIR, list_checkpoints, load_base_model
 
 
 @pytest.fixture(autouse=True)
@@ -301,4 +304,4 @@ def test_identity_is_stable_and_follows_the_file(tiny, tmp_path):
 
 
 def test_demo_model_default():
-    assert models.default_base_model() == models.DEMO_MODEL_DIR == models.PROJECT_ROOT / "models" / "demo"
+    assert models.default_base_model() == models.DEMO_MODEL_DIR == PROJECT_ROOT / "models" / "demo"

@@ -12,5 +12,11 @@ class StudioError(Exception):
     """A refused input: a config value, a dataset, a model or LoRA file, a UI action. The message says the fix."""
 
 
+
+class ModelError(StudioError):
+    """A base model that cannot be used; the message names the path, the reason and the fix. (Here, not in
+    families.py: the family rules, the weight readers and the loader all raise it.)"""
+
+
 # OSError covers a file that is missing, unreadable or unwritable: its message names the file.
 USER_ERRORS = (StudioError, OSError)

@@ -1,4 +1,5 @@
-"""Which Stable Diffusion family a base model is, and reading a single-file checkpoint's tensors, offline.
+"""The model families (`FAMILIES`, one table): which one a base model is (`detect_family`, offline) and which one a
+LoRA file was trained for (`detect_lora_family`).
 
 Family rules. They use key names, topology and config switches, never widths, so tiny test models with the real
 topology are recognised exactly like the real ones.
@@ -22,23 +23,16 @@ A file whose family cannot be told is an error saying what was seen, unless the 
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .config import PROJECT_ROOT
-from .errors import StudioError
+from .errors import ModelError
+from .weights import not_safetensors, read_pickle
 
 DEMO_MODEL_DIR = PROJECT_ROOT / "models" / "demo"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-
-
-class ModelError(StudioError):
-    """A base model that cannot be used; the message names the path, the reason and the fix."""
 
 
 @dataclass(frozen=True)
@@ -193,13 +187,9 @@ def detect_family(path) -> Family:
         except ModelError:
             raise
         except Exception as e:
-            raise _not_safetensors(path, e) from e
-    state = _read_pickle(path)
+            raise not_safetensors(path, e) from e
+    state = read_pickle(path)
     return file_family(path, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, {})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading single files
 
 
 def check_suffix(path: Path) -> None:
@@ -207,60 +197,41 @@ def check_suffix(path: Path) -> None:
         raise ModelError(f"{path}: not a checkpoint: expected a .safetensors or .ckpt file or a diffusers folder")
 
 
-def _not_safetensors(path: Path, error: Exception) -> ModelError:
-    return ModelError(f"{path}: not a valid .safetensors file ({error}); an interrupted download or a renamed "
-                      f"file? Download it again or pick another checkpoint")
+# ---------------------------------------------------------------------------------------------------------------
+# A LoRA file's family: a weight layout (Family.arch: sd1 | sd2 | sdxl), since sd2 and sd2-v LoRAs are alike.
+
+# How LoRA metadata names each layout, as prefixes of kohya's ss_base_model_version and of modelspec.architecture.
+LORA_METADATA_NAMES = {"sdxl": ("sdxl", "stable-diffusion-xl"), "sd2": ("sd_v2", "stable-diffusion-v2"),
+                       "sd1": ("sd_v1", "stable-diffusion-v1")}
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A .ckpt through torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found or "Weights only load failed" in str(e):
-            what = f" (it contains {found.group(1)})" if found else ""
-            raise ModelError(f"{path}: refused: this .ckpt holds Python objects besides tensors{what}, and "
-                             f"unpickling them could run arbitrary code. Convert it to .safetensors with a tool "
-                             f"you trust, or use a .safetensors download of the same model.") from e
-        raise ModelError(f"{path}: not a checkpoint: torch.load cannot read it ({e})") from e
-    except Exception as e:
-        raise ModelError(f"{path}: not a checkpoint: torch.load cannot read it ({type(e).__name__}: {e})") from e
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning wraps the weights
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ModelError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, not a dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-# Some older checkpoints lack CLIP's `text_model.` level; A1111 reads them by the same renaming.
-CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
-
-
-def read_state(path: Path, dtype: torch.dtype | None = None,
-               keep=lambda name: False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a single-file checkpoint. With `dtype`, a .safetensors file stored in another
-    precision is read tensor by tensor and cast as it arrives (trainer/weights.py: half the peak memory of casting
-    a memory map); tensors whose name `keep(name)` is true stay as stored. Otherwise the file is memory-mapped."""
-    if path.suffix.lower() == ".ckpt":
-        state, metadata = _read_pickle(path), {}
-    else:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        from trainer.weights import needs_cast, read_cast
-
-        try:
-            if dtype is not None and needs_cast(path, dtype):
-                state, metadata = read_cast(path, dtype, keep)
-            else:
-                with safe_open(str(path), framework="pt") as f:
-                    metadata = f.metadata() or {}
-                state = load_file(str(path))
-        except Exception as e:
-            raise _not_safetensors(path, e) from e
-    for prefix in CLIP_PREFIXES:
-        old = [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "text_model.")]
-        for k in old:
-            state[prefix + "text_model." + k.removeprefix(prefix)] = state.pop(k)
-    return state, metadata
+def detect_lora_family(entries, metadata: dict[str, str]) -> str:
+    """sd1 | sd2 | sdxl | unknown for a LoRA file (`entries`: lora_formats.Entry, one per module), from its metadata
+    when it says, else from which modules the file covers (topology, never widths, so tiny test models read like
+    real ones). Base models are detect_family's."""
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    for family, (version_prefix, _) in LORA_METADATA_NAMES.items():
+        if version.startswith(version_prefix):
+            return "sd2" if family == "sd1" and metadata.get("ss_v2") == "True" else family
+    for family, (_, arch_prefix) in LORA_METADATA_NAMES.items():
+        if arch.startswith(arch_prefix):
+            return family
+    names = {e.part: [] for e in entries}
+    for e in entries:
+        names[e.part].append(e.name.replace(".", "_"))
+    if "text_encoder_2" in names or any(e.name.startswith("lora_te1_") for e in entries):
+        return "sdxl"
+    unet = names.get("unet", []) + (names.get(None, []) if None in names else [])
+    # SDXL: up to 10 transformer blocks per attention, none in the first down block, 3 down blocks, 9 input blocks
+    if any(re.search(r"transformer_blocks_[1-9]", n) for n in unet):
+        return "sdxl"
+    # SD 1.x's proj_in/proj_out are 1×1 convolutions (4-D LoRA tensors), SD 2.x's Linear layers
+    proj = [e.tensors["down"].dim() for e in entries if e.algorithm == "lora" and e.name.endswith(("proj_in", "proj_out"))]
+    if proj:
+        return "sd1" if proj[0] == 4 else "sd2"
+    te_layers = [int(m[1]) for e in entries if e.part in ("text_encoder", None)
+                 for m in [re.search(r"layers[._](\d+)[._]", e.name)] if m]
+    if te_layers:  # CLIP-L has 12 layers, SD 2.x's OpenCLIP-H 23 (SDXL's te1 is named te1)
+        return "sd2" if max(te_layers) >= 12 else "sd1"
+    return "unknown"  # SD 1.x or 2.x, or a file that covers too little to tell; shapes decide when applied

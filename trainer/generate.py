@@ -79,10 +79,6 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float, float]]
     return re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,"), found
 
 
-def base_kind(family_name: str) -> str:
-    return "sd2" if family_name.startswith("sd2") else family_name
-
-
 def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, noise_scheduler, sampler: str = "euler"):
     if sampler not in SAMPLERS:
         raise StudioError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -212,7 +208,7 @@ class Generator:
             if any(not bool(torch.isfinite(t).all()) for e in lora.entries for t in e.tensors.values()):
                 raise LoraFileError(f"{path.name} holds NaN or inf weights (its training diverged); "
                                     "export an earlier checkpoint of its run instead")
-            if lora.family != "unknown" and lora.family != base_kind(self.family.name):
+            if lora.family != "unknown" and lora.family != self.family.arch:
                 raise LoraFamilyError(
                     f"{path.name} is a {lora.family} LoRA but the base model {self.base_path.name} is "
                     f"{self.family.name}: pick a {lora.family} base model, or a LoRA trained for {self.family.name}")

@@ -90,30 +90,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise LoraFileError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from e
 
 
-METADATA_FAMILY = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
-
-
-def detect_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """sd1 | sd2 | sdxl | unknown — from metadata when present, else from the key topology (width-independent)."""
-    if metadata.get("ss_base_model_version") in METADATA_FAMILY:
-        family = METADATA_FAMILY[metadata["ss_base_model_version"]]
-        return "sd2" if family == "sd1" and metadata.get("ss_v2") == "True" else family
-    arch = metadata.get("modelspec.architecture", "")
-    for marker, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
-        if arch.startswith(marker):
-            return family
-    keys = [k.replace(".", "_") for k in tensors]
-    if any(("te2_" in k or "text_encoder_2" in k or "input_blocks_4_1" in k) for k in keys):
-        return "sdxl"
-    # SD 1.x/2.x have attentions in down block 0; SDXL's first down block has none.
-    if any("down_blocks_1_attentions_0_transformer_blocks_1" in k for k in keys):
-        return "sdxl"
-    proj_in = [t for k, t in tensors.items() if "down_blocks_0_attentions_0_proj_in" in k.replace(".", "_") and t.dim() > 1]
-    if proj_in:  # SD 1.x proj_in is a 1x1 conv (4-D weights), SD 2.x a Linear.
-        return "sd1" if proj_in[0].dim() == 4 else "sd2"
-    return "unknown"
-
-
 def inspect_lora(path: str | Path) -> dict:
     """What a user wants to know about a LoRA file: format, algorithm, family, rank, alpha, module counts per part
     (kohya's part names: unet, te, or te1/te2 on SDXL), metadata. A file we do not read raises one line saying what

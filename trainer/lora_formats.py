@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from .lora_algorithms import REQUIRED, Entry, default_scale
+from .families import detect_lora_family
 from .lora_file import LoraFileError
 from .lora_targets import ModuleDelta, module_deltas  # noqa: F401 - part of this module's API
 
@@ -116,7 +117,7 @@ def read_lora(path: str | Path) -> LoraFile:
     alphas = {e.alpha for e in entries}
     first = next(iter(entries[0].tensors.values()))  # a weight, not a float32 alpha
     return LoraFile(path=path, format=fmt, algorithm=algorithm, tucker=tucker,
-                    family=lora_family(entries, metadata), metadata=metadata,
+                    family=detect_lora_family(entries, metadata), metadata=metadata,
                     rank=next(iter(ranks)) if len(ranks) == 1 else None,
                     alpha=alphas.pop() if len(alphas) == 1 else None, entries=entries,
                     dtype=str(first.dtype).replace("torch.", ""), ranks=dict(ranks), n_tensors=len(tensors))
@@ -264,40 +265,3 @@ def _apply_peft_config(entry: Entry, config: dict | None) -> None:
     alpha = float(_pattern_value(config.get("alpha_pattern"), entry.name, config.get("lora_alpha", r)))
     entry.alpha = alpha
     entry.scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-# ---- family ---------------------------------------------------------------------------------------------------
-
-METADATA_FAMILY = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
-ARCH_FAMILY = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
-
-
-def lora_family(entries: list[Entry], metadata: dict[str, str]) -> str:
-    """sd1 | sd2 | sdxl | unknown: from metadata when it says, else from which modules the file covers (topology,
-    never widths, so tiny test models read like real ones)."""
-    version = metadata.get("ss_base_model_version", "")
-    for marker, family in METADATA_FAMILY:
-        if version.startswith(marker):
-            return "sd2" if family == "sd1" and metadata.get("ss_v2") == "True" else family
-    arch = metadata.get("modelspec.architecture", "")
-    for marker, family in ARCH_FAMILY:
-        if arch.startswith(marker):
-            return family
-    names = {e.part: [] for e in entries}
-    for e in entries:
-        names[e.part].append(e.name.replace(".", "_"))
-    if "text_encoder_2" in names or any(e.name.startswith("lora_te1_") for e in entries):
-        return "sdxl"
-    unet = names.get("unet", []) + (names.get(None, []) if None in names else [])
-    # SDXL: up to 10 transformer blocks per attention, none in the first down block, 3 down blocks, 9 input blocks
-    if any(re.search(r"transformer_blocks_[1-9]", n) for n in unet):
-        return "sdxl"
-    # SD 1.x's proj_in/proj_out are 1×1 convolutions (4-D LoRA tensors), SD 2.x's Linear layers
-    proj = [e.tensors["down"].dim() for e in entries if e.algorithm == "lora" and e.name.endswith(("proj_in", "proj_out"))]
-    if proj:
-        return "sd1" if proj[0] == 4 else "sd2"
-    te_layers = [int(m[1]) for e in entries if e.part in ("text_encoder", None)
-                 for m in [re.search(r"layers[._](\d+)[._]", e.name)] if m]
-    if te_layers:  # CLIP-L has 12 layers, SD 2.x's OpenCLIP-H 23 (SDXL's te1 is named te1)
-        return "sd2" if max(te_layers) >= 12 else "sd1"
-    return "unknown"  # SD 1.x or 2.x, or a file that covers too little to tell; shapes decide when applied

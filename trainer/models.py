@@ -6,7 +6,7 @@ Two forms are read, both without any network access:
   torch.load(weights_only=True) only. It holds weights alone: the configs come from trainer/model_configs/<family>/
   (or a `config_dir` the caller passes) and the tokenizer from trainer/tokenizer/.
 
-The family rules and the single-file readers are in trainer/families.py.
+The family rules are in trainer/families.py, the single-file readers in trainer/weights.py.
 """
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.config import PROJECT_ROOT  # noqa: F401 - models.PROJECT_ROOT is part of the module's face
-# Re-exported: callers import the family API from trainer.models as well.
-from trainer.families import (CHECKPOINT_SUFFIXES, DEMO_MODEL_DIR, FAMILIES, Family, ModelError,  # noqa: F401
-                              check_suffix, detect_family, file_arch, file_family, folder_family, get_family,
-                              read_state, resolve_path)
-from trainer.weights import needs_cast, read_cast
+from trainer.errors import ModelError
+from trainer.families import (CHECKPOINT_SUFFIXES, DEMO_MODEL_DIR, FAMILIES, Family, check_suffix, file_arch,
+                              file_family, folder_family, get_family, resolve_path)
+from trainer.weights import needs_cast, read_cast, read_state
 
 if TYPE_CHECKING:  # the heavy libraries load only when a model does
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

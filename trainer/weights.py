@@ -1,4 +1,5 @@
-"""Reading a .safetensors file tensor by tensor, each cast to the training precision as it arrives.
+"""Reading weight files: a .safetensors file tensor by tensor, each cast to the training precision as it arrives
+(`read_cast`), and a single-file checkpoint's tensors (`read_state`: .safetensors, or .ckpt without pickle code).
 
 Why not safetensors' own load_file: it memory-maps the file, and every mapped page a cast reads stays resident in
 the process until the whole map is dropped. Casting an fp32 SD 1.5 UNet to bf16 that way holds the 3.4 GB of fp32
@@ -13,12 +14,15 @@ tensor's bytes little-endian and contiguous at begin..end of the data block.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import StudioError
+from .errors import ModelError, StudioError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -92,4 +96,63 @@ def read_cast(path: str | Path, dtype: torch.dtype | None,
             if dtype is not None and stored.is_floating_point and stored != dtype and not keep(name):
                 tensor = tensor.to(dtype)
             state[name] = tensor
+    return state, metadata
+
+
+# ---- single-file checkpoints (.safetensors / .ckpt in the original layout) -------------------------------------
+
+def not_safetensors(path: Path, error: Exception) -> ModelError:
+    return ModelError(f"{path}: not a valid .safetensors file ({error}); an interrupted download or a renamed "
+                      f"file? Download it again or pick another checkpoint")
+
+
+def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A .ckpt through torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found or "Weights only load failed" in str(e):
+            what = f" (it contains {found.group(1)})" if found else ""
+            raise ModelError(f"{path}: refused: this .ckpt holds Python objects besides tensors{what}, and "
+                             f"unpickling them could run arbitrary code. Convert it to .safetensors with a tool "
+                             f"you trust, or use a .safetensors download of the same model.") from e
+        raise ModelError(f"{path}: not a checkpoint: torch.load cannot read it ({e})") from e
+    except Exception as e:
+        raise ModelError(f"{path}: not a checkpoint: torch.load cannot read it ({type(e).__name__}: {e})") from e
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning wraps the weights
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# Some older checkpoints lack CLIP's `text_model.` level; A1111 reads them by the same renaming.
+CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+
+
+def read_state(path: Path, dtype: torch.dtype | None = None,
+               keep=lambda name: False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a single-file checkpoint. With `dtype`, a .safetensors file stored in another
+    precision is read tensor by tensor and cast as it arrives (trainer/weights.py: half the peak memory of casting
+    a memory map); tensors whose name `keep(name)` is true stay as stored. Otherwise the file is memory-mapped."""
+    if path.suffix.lower() == ".ckpt":
+        state, metadata = read_pickle(path), {}
+    else:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            if dtype is not None and needs_cast(path, dtype):
+                state, metadata = read_cast(path, dtype, keep)
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata() or {}
+                state = load_file(str(path))
+        except Exception as e:
+            raise not_safetensors(path, e) from e
+    for prefix in CLIP_PREFIXES:
+        old = [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "text_model.")]
+        for k in old:
+            state[prefix + "text_model." + k.removeprefix(prefix)] = state.pop(k)
     return state, metadata
