@@ -11,8 +11,6 @@ from pathlib import Path
 
 from app.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
 # A1111's name first, then ComfyUI's: an existing folder of either layout is used as it is.
 # (Checkpoints are listed by trainer.models.list_checkpoints.)
 LORA_DIR_NAMES = ("Lora", "loras")

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.atomic import write_text
+from trainer.config import PROJECT_ROOT
 from trainer.events import read_events
 
 from app.errors import UserError
-from app.folders import PROJECT_ROOT
 
 TERMINAL_EVENTS = ("done", "stopped", "error")
 

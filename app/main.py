@@ -11,11 +11,12 @@ import sys
 
 import gradio as gr
 
-from app.folders import PROJECT_ROOT, Folders
+from app.folders import Folders
 from app.gallery_tab import build_gallery_tab
 from app.jobs import Jobs
 from app.run_queue import RunQueue
 from app.train_tab import build_train_tab
+from trainer.config import PROJECT_ROOT
 from trainer.generate import Generator
 
 CSS = """

@@ -11,13 +11,11 @@ background". What the scenes are is defined in trainer/demo/world.py (demo_datas
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from trainer.demo import world  # noqa: E402
+from trainer.config import PROJECT_ROOT as ROOT
+from trainer.demo import world
 
 
 def write_set(name: str, folder: Path, n: int) -> list[Path]:

@@ -24,22 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from trainer.demo import metrics, world  # noqa: E402
-from trainer.demo.evaluate import (SEEDS, character_prompts, demo_config, pictures,  # noqa: E402
+from trainer.config import PROJECT_ROOT as ROOT
+from trainer.demo import metrics, world
+from trainer.demo.evaluate import (SEEDS, character_prompts, demo_config, pictures,
                                    style_prompts)
-from trainer.generate import Generator  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.models import DEMO_MODEL_DIR  # noqa: E402
+from trainer.generate import Generator
+from trainer.loop import train
+from trainer.models import DEMO_MODEL_DIR
 
 
 def overrides(pairs: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""The reference LoRA training loop for scripts/benchmark.py: plain diffusers + PEFT, written the way diffusers'
+"""The reference LoRA training loop for scripts/bench/training.py: plain diffusers + PEFT, written the way diffusers'
 examples/text_to_image/train_text_to_image_lora.py does it, so its speed is what a user of that script sees.
 
 What it keeps from that script, on purpose (it is the baseline, not a second trainer):
@@ -16,7 +16,7 @@ What it keeps from that script, on purpose (it is the baseline, not a second tra
 The image pipeline is the script's (resize, center crop, to [-1, 1]) done with PIL and numpy: torchvision is not
 installed here, and at batch 1 it costs milliseconds either way.
 
-Run by scripts/benchmark.py in a subprocess of its own; `run(spec)` returns per-step wall and CPU times.
+Run by scripts/bench/training.py in a subprocess of its own; `run(spec)` returns per-step wall and CPU times.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """LoRA layers at SD 1.5's shapes, forward + backward: PEFT's own forward against trainer/lean.py's fused one.
 
-    .venv/bin/python scripts/benchmark_lora_layers.py                 # 512 px, bf16 and fp32, one thread
-    .venv/bin/python scripts/benchmark_lora_layers.py --resolution 256 --repeats 9
+    .venv/bin/python scripts/bench/lora_layers.py                 # 512 px, bf16 and fp32, one thread
+    .venv/bin/python scripts/bench/lora_layers.py --resolution 256 --repeats 9
 
 Each row is one LoRA'd layer of SD 1.5's UNet (rank 8, batch 1) as the trainer runs it: frozen base (bf16 under
 autocast, or fp32), LoRA weights in fp32, gradients for the input and both LoRA weights. Three timings per row,
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer.lean import lean_forwards  # noqa: E402
-from trainer.memory import keep_freed_memory  # noqa: E402
+from trainer.lean import lean_forwards
+from trainer.memory import keep_freed_memory
 
 
 def layers(resolution: int) -> list[tuple[str, str, int, int, int, int]]:

@@ -1,7 +1,7 @@
 """Attention forward + backward at SD 1.5's shapes: torch's flash attention against trainer/cpu_attention.py.
 
-    .venv/bin/python scripts/benchmark_attention.py            # bf16 and fp32, one thread
-    .venv/bin/python scripts/benchmark_attention.py --repeats 9
+    .venv/bin/python scripts/bench/attention.py            # bf16 and fp32, one thread
+    .venv/bin/python scripts/bench/attention.py --repeats 9
 
 Each shape is (query tokens, key tokens, head dim) with 8 heads and batch 1, laid out as diffusers' attention
 processor passes them (a transposed view of the projections). Times are the best of --repeats process-CPU
@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer.cpu_attention import DEFAULT_MEMORY_MB, attention, rows_to_keep  # noqa: E402
-from trainer.memory import keep_freed_memory  # noqa: E402
+from trainer.cpu_attention import DEFAULT_MEMORY_MB, attention, rows_to_keep
+from trainer.memory import keep_freed_memory
 
 SHAPES = [  # SD 1.5: level 0 (320 wide, 40 per head), level 1 (640, 80), level 2 (1280, 160)
     ("256 px level 0 self", 1024, 1024, 40), ("256 px level 0 cross", 1024, 77, 40),

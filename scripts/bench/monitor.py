@@ -1,4 +1,4 @@
-"""Samples a process's RSS and CPU time in a background thread, for scripts/benchmark.py's child processes."""
+"""Samples a process's RSS and CPU time in a background thread, for scripts/bench/training.py's child processes."""
 from __future__ import annotations
 
 import os

@@ -1,14 +1,14 @@
 """Training speed and memory on the full-size SD 1.5 topology: our trainer against a plain diffusers + PEFT loop.
 
-    .venv/bin/python scripts/benchmark.py --threads 1 --model-dir /tmp/sd15   # 256 and 512 px, ≈30 min on 2 cores
-    .venv/bin/python scripts/benchmark.py --resolutions 256 --steps 2 --variants ref-fp32,ours-fp32,fwd-fp32
+    .venv/bin/python scripts/bench/training.py --threads 1 --model-dir /tmp/sd15   # 256 and 512 px, ≈30 min on 2 cores
+    .venv/bin/python scripts/bench/training.py --resolutions 256 --steps 2 --variants ref-fp32,ours-fp32,fwd-fp32
 
 The base model is SD 1.5's exact topology (860M UNet parameters, the VAE, CLIP-L) with seeded random weights, a
 diffusers folder (≈4 GB; --model-dir keeps it for the next run, else a temporary folder). Random weights cost the
 same FLOPs as trained ones. Data: 4 synthetic captioned pictures. Every run is batch 1, LoRA rank 8, AdamW.
 
 Variants, each in its own subprocess so that its peak RSS is its own (os.wait4's ru_maxrss):
-  ref-fp32      scripts/benchmark_reference.py, fp32: diffusers' train_text_to_image_lora.py loop, VAE encoder and
+  ref-fp32      scripts/bench/reference_loop.py, fp32: diffusers' train_text_to_image_lora.py loop, VAE encoder and
                 text encoder run every step, LoRA on to_q/k/v/out of the UNet
   ref-bf16      the same with --mixed_precision bf16: bf16 frozen weights, the UNet under bf16 autocast
   ref-fp32-te   ref-fp32 also training a text-encoder LoRA like train_dreambooth_lora.py --train_text_encoder
@@ -45,9 +45,10 @@ import time
 from pathlib import Path
 from statistics import median
 
-from benchmark_monitor import Monitor  # scripts/ is sys.path[0]: this file runs as a script
+from monitor import Monitor  # beside this file: a script's own folder is sys.path[0]
 
-ROOT = Path(__file__).resolve().parent.parent
+from trainer.config import PROJECT_ROOT as ROOT
+
 SD1_CONFIGS = ROOT / "trainer" / "model_configs" / "sd1"
 TOKENIZER_DIR = ROOT / "trainer" / "tokenizer"
 
@@ -217,13 +218,12 @@ def run_bare(spec: dict, monitor: Monitor) -> dict:
 
 
 def child_main(spec: dict) -> None:
-    sys.path.insert(0, str(ROOT))
     monitor = Monitor().start()
     kind = spec["kind"]
     if kind == "reference":
-        import benchmark_reference  # beside this file, like benchmark_monitor
+        import reference_loop  # beside this file, like monitor.py
 
-        result = benchmark_reference.run(spec, monitor)
+        result = reference_loop.run(spec, monitor)
     else:
         result = {"build": build_model, "ours": run_ours, "forward": run_forward, "bare": run_bare}[kind](spec, monitor)
     monitor.stop()

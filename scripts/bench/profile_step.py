@@ -1,10 +1,10 @@
 """Where a LoRA training step's time goes: torch's profiler over one forward and, separately, its backward.
 
-    .venv/bin/python scripts/profile_step.py --model-dir /tmp/sd15 --resolution 512 --precision fp32
+    .venv/bin/python scripts/bench/profile_step.py --model-dir /tmp/sd15 --resolution 512 --precision fp32
 
-The UNet of a diffusers folder (scripts/benchmark.py --model-dir makes a random-weight SD 1.5 one) with the trainer's
+The UNet of a diffusers folder (scripts/bench/training.py --model-dir makes a random-weight SD 1.5 one) with the trainer's
 LoRA (rank 8, UNet only), lean forwards and CPU attention, one thread, the trainer's allocator setting: the bare step
-of scripts/benchmark.py's fwdbwd variants. Prints the total of each phase and its top ops by self CPU time, so a
+of scripts/bench/training.py's fwdbwd variants. Prints the total of each phase and its top ops by self CPU time, so a
 backward op can be set against the forward op it mirrors (flash attention's backward against its forward, convolution
 input gradients against convolutions, ...).
 """
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer.config import NetworkConfig  # noqa: E402
-from trainer.cpu_attention import use_cpu_training_attention  # noqa: E402
-from trainer.lean import lean_forwards  # noqa: E402
-from trainer.memory import keep_freed_memory  # noqa: E402
-from trainer.network import add_lora  # noqa: E402
+from trainer.config import NetworkConfig
+from trainer.cpu_attention import use_cpu_training_attention
+from trainer.lean import lean_forwards
+from trainer.memory import keep_freed_memory
+from trainer.network import add_lora
 
 
 def _self_times(prof) -> dict[str, float]:

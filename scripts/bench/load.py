@@ -1,7 +1,7 @@
 """Peak memory of loading an fp32 base model in bf16 (or fp16): our loader against diffusers' from_pretrained.
 
-    .venv/bin/python scripts/benchmark_load.py --model-dir /tmp/sd15-random   # a diffusers folder stored in fp32
-    .venv/bin/python scripts/benchmark_load.py                                # builds a random SD 1.5 UNet folder
+    .venv/bin/python scripts/bench/load.py --model-dir /tmp/sd15-random   # a diffusers folder stored in fp32
+    .venv/bin/python scripts/bench/load.py                                # builds a random SD 1.5 UNet folder
 
 Each way runs in its own subprocess, so its peak RSS (os.wait4's ru_maxrss) is its own; the two run one after the
 other in one invocation, and the ratio is what counts:
@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from trainer.config import PROJECT_ROOT as ROOT
+
 SD1_CONFIGS = ROOT / "trainer" / "model_configs" / "sd1"
 
 CHILD = r"""
@@ -35,7 +36,6 @@ if kind == "diffusers":  # what trainer/models.py did before trainer/weights.py
              AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw),
              CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw).to(dtype)]
 else:
-    sys.path.insert(0, sys.argv[4])
     from trainer.models import load_base_model
     base = load_base_model(folder, dtype=dtype)
     parts = [base.unet, base.vae, *base.text_encoders]
@@ -45,7 +45,7 @@ print(json.dumps({"params": sum(p.numel() for m in parts for p in m.parameters()
 
 
 def measure(kind: str, folder: Path, dtype: str) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(folder), dtype, str(ROOT)],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(folder), dtype],
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
