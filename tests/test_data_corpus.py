@@ -187,7 +187,7 @@ def test_warnings_name_the_files(corpus, loaded):
 def test_folders_repeats_and_metadata(corpus, loaded):
     folders = {f.name: (f.images, f.repeats) for f in loaded.report.folders}
     assert folders == {"5_sks toy": (13, 5), "2_scene": (1, 2)}
-    assert loaded.report.steps_per_epoch == 13 * 5 + 2 == loaded.steps_per_epoch(1)
+    assert loaded.report.draws_per_epoch == 13 * 5 + 2 == loaded.batches_per_epoch(1)
     assert loaded.dataset_dirs == {"5_sks toy": {"n_repeats": 5, "img_count": 13},
                                    "2_scene": {"n_repeats": 2, "img_count": 1}}
     freq = loaded.tag_frequency
@@ -195,7 +195,7 @@ def test_folders_repeats_and_metadata(corpus, loaded):
     # every caption but long.png's names the class; "red" is counted once per caption that has it
     assert freq["5_sks toy"]["sks toy"] == 12 and freq["5_sks toy"]["red"] == 2
     info = loaded.bucket_info
-    assert sum(b["count"] for b in info["buckets"].values()) == loaded.report.steps_per_epoch
+    assert sum(b["count"] for b in info["buckets"].values()) == loaded.report.draws_per_epoch
     assert sum(loaded.report.buckets.values()) == 14
 
 

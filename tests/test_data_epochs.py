@@ -38,7 +38,7 @@ def test_batches_are_full_single_bucket_and_cover_every_repeat(folder, batch):
     ds = dataset(folder)
     assert len({r.bucket for r in ds.images}) == 4
     batches = ds.epoch_batches(0, batch)
-    assert len(batches) == ds.steps_per_epoch(batch)
+    assert len(batches) == ds.batches_per_epoch(batch)
     seen = Counter()
     for b in batches:
         assert len(b) == batch and len({ds.images[d.image].bucket for d in b}) == 1
@@ -85,6 +85,11 @@ def test_a_runs_report_counts_its_steps_at_the_runs_batch_size(folder):
     assert f"Images per epoch: 30; steps per epoch at batch size 4: {batches}" in report.lines()
     assert batches == 3 + 3 + 2 + 1  # 12, 9, 6 and 3 draws in four buckets
     assert "Steps per epoch at batch size 1: 30" in dataset_report(build_config({"data": data})).lines()
+    accum = dataset_report(build_config({"data": data, "training": {"batch_size": 4, "grad_accum": 2}}))
+    # with accumulation an optimiser step spends two batches: 9 batches are ceil(9 / 2) = 5 steps, as the loop counts
+    assert (f"Images per epoch: 30; batches of 4 per epoch: {batches}; steps per epoch with gradient accumulation "
+            f"2: 5") in accum.lines()
+    assert accum.to_dict()["steps_per_epoch"] == 5 and accum.to_dict()["draws_per_epoch"] == 30
     empty = folder.parent / "empty-set"
     empty.mkdir(exist_ok=True)
     unusable = dataset_report(build_config({"data": {**data, "dataset": str(empty)}, "training": {"batch_size": 4}}))

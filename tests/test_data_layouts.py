@@ -51,7 +51,7 @@ def test_repeat_folders(tmp_path):
     assert any("misc skipped" in w and "10_misc" in w for w in ds.report.warnings)
     assert ds.dataset_dirs == {"10_sks dog": {"n_repeats": 10, "img_count": 2},
                                "1_style_name": {"n_repeats": 1, "img_count": 1}}
-    assert ds.report.steps_per_epoch == 21
+    assert ds.report.draws_per_epoch == 21
 
 
 def test_toml_subsets_with_regularisation(tmp_path):
@@ -82,7 +82,7 @@ caption_extension = "cap"
     assert all(r.loss_weight == 0.5 for r in reg)
     # kohya's balance: 12 training draws per epoch, so the 3 regularisation images are drawn 12 times in all.
     assert sum(r.repeats for r in reg) == 12 and sorted(r.repeats for r in reg) == [4, 4, 4]
-    assert ds.report.steps_per_epoch == 24
+    assert ds.report.draws_per_epoch == 24
     assert ds.reg_dataset_dirs == {"reg": {"n_repeats": 1, "img_count": 3}}
     assert set(ds.dataset_dirs) == {"5_zkz cat", "more"}
     assert "(regularisation images, class 'cat')" in "\n".join(ds.report.lines())

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import tiny_models
-from trainer import caches, loop
+from trainer import caches, loop, stopping
 from trainer.config import ConfigError, build_config
 from trainer.events import Pace, read_events
 from trainer.lora_file import inspect_lora, read_lora
@@ -287,6 +287,11 @@ def test_gradient_checkpointing_same_weights_and_accumulation_counts_steps(works
     start = next(e for e in events if e["event"] == "start")
     assert start["steps_per_epoch"] == 2  # four images, two micro-batches per optimiser step
     assert [e["epoch"] for e in events if e["event"] == "step"] == [0, 1]
+    # The dataset report the UI shows before the run counts the same optimiser steps per epoch.
+    from trainer.data import dataset_report
+    report = dataset_report(cfg)
+    assert report.steps_per_epoch == start["steps_per_epoch"]
+    assert f"steps per epoch with gradient accumulation 2: {start['steps_per_epoch']}" in "\n".join(report.lines())
 
 
 COUNT_SAVED_PROBABILITIES = """
@@ -361,3 +366,20 @@ def test_events_are_json_lines(workspace):
     path = workspace / "runs" / "det-a" / "events.jsonl"
     for line in path.read_text().splitlines():
         assert isinstance(json.loads(line), dict)
+
+
+def test_windows_ctrl_break_stops_like_sigterm(monkeypatch):
+    # On Windows the UI's Stop is CTRL_BREAK_EVENT, which Python delivers as SIGBREAK: it must set the stop flag
+    # as SIGTERM does. Linux has no SIGBREAK, so an unused signal stands in for it.
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    assert stopping.stop_signals() == (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = stopping.StopRequested()
+    with stopping.stop_on_signals(stop):
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.flag
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handlers are put back after training
+    stop = stopping.StopRequested()
+    with stopping.stop_on_signals(stop):
+        signal.raise_signal(signal.SIGTERM)
+    assert stop.flag

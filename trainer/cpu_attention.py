@@ -3,13 +3,13 @@
 torch's CPU flash attention recomputes the attention probabilities in backward (five matmuls in all), and its
 backward costs 2-3× its forward in bf16. Attention as three plain ops (Q·Kᵀ, softmax, ·V) with the probabilities
 saved costs four matmuls and a fused softmax backward, and its bf16 matmuls run at the CPU's bf16 speed where flash's
-blocks do not. `scripts/benchmark_attention.py` (forward + backward, one thread, SD 1.5 shapes, 8 heads, the
+blocks do not. `scripts/bench/attention.py` (forward + backward, one thread, SD 1.5 shapes, 8 heads, the
 trainer's allocator setting; ours / flash): bf16 cross-attention 0.42-0.55×, self-attention over 64-1024 tokens
 0.46-0.64×, 4096 tokens (SD 1.5 at 512 px) 0.68× (its forward alone 0.70×).
 
 What it costs is memory: the probabilities stay until backward, 256 MB for each of SD 1.5's five 4096-token layers at
 512 px. `training.attention_memory_mb` bounds what one forward pass keeps; calls are served in order, a call that
-does not fit keeps as many query rows as do (rows are independent) and flash takes the rest. `scripts/benchmark.py`,
+does not fit keeps as many query rows as do (rows are independent) and flash takes the rest. `scripts/bench/training.py`,
 SD 1.5, bf16 (docs/benchmark-results/2026-11-28-sd15-cpu-attention-budget.json, ours-auto / ours-auto-nokeep):
 at 512 px the default 1024 MB makes a step 0.89× as long as keeping none (11.6 against 13.0 s; 2.13× the forward
 pass instead of 2.40×) for 0.75 GB more peak RSS (4.35 against 3.60 GB; 1.2 GB more during the steps: the kept bytes,

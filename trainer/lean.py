@@ -24,7 +24,7 @@ same product computed as (midᵀ·g)ᵀ at 4096 tokens × 2560 outputs, fp32). `
 LoRA in one autograd function that forms every thin product in its fast orientation, folds the scale into `up` and
 adds the LoRA term in place: the same values, and it keeps what PEFT's path keeps (the input and the rank-wide middle).
 `_LoraConv1x1` does the same for the 1x1 convolutions SD 1.x uses as proj_in / proj_out, whose LoRA PEFT runs as
-two convolutions. `scripts/benchmark_lora_layers.py` times both against PEFT per SD 1.5 layer shape: what the LoRA
+two convolutions. `scripts/bench/lora_layers.py` times both against PEFT per SD 1.5 layer shape: what the LoRA
 adds to a 512 px step, 1.17 → 0.47 s in fp32 and 0.44 → 0.32 s in bf16 (layers over 77-256 tokens lose up to 0.8 ms
 each to the autograd function's own overhead; the large ones gain 5-50 ms).
 """

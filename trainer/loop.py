@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ from .precision import make_accelerator, resolve_precision
 from .run_folder import claim
 from .sampling import encode_samples, render_samples
 from .step_guard import CheckpointClock, NonFiniteGuard, check_weights, kept, step_is_finite
-from .stopping import StopRequested, Stopped, Window, any_process, check
+from .stopping import StopRequested, Stopped, Window, any_process, check, stop_on_signals
 
 
 @dataclass
@@ -56,7 +54,7 @@ class Run:
     base: BaseModel
     ds: Dataset
     global_batch: int  # micro-batch size summed over the processes
-    steps_per_epoch: int  # optimiser steps
+    steps_per_epoch: int  # optimiser steps (one per grad_accum batches), as `step` events count
     total_steps: int
     parts: dict[str, torch.nn.Module]  # the trained modules by name: unet, text_encoder(s) when trained
     latents: dict[tuple[int, bool], torch.Tensor]  # (image, flip) → latent; empty: encoded at each step
@@ -102,11 +100,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = N
         held = claim(cfg, resume, overwrite)
     events = EventLog(cfg.run_path(), enabled=accelerator.is_main_process)
     stop = stop or StopRequested()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _train(cfg, resume, stop, accelerator, precision, events)
+        with stop_on_signals(stop):
+            return _train(cfg, resume, stop, accelerator, precision, events)
     except Stopped:  # before this process's first step: the checkpoint it resumed from (if any) is the newest
         last = latest_checkpoint(cfg.run_path()) if resume else None
         events.emit("stopped", step=int(last.name.split("_")[1]) if last else 0, checkpoint=last and str(last))
@@ -115,8 +111,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop: StopRequested | None = N
         events.emit("error", message=" ".join(f"{type(e).__name__}: {e}".split()))
         raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if held is not None:
             held.release()
 
@@ -157,8 +151,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     events.emit("dataset", lines=ds.report.lines(), images=len(ds.images), skipped=len(ds.report.skipped))
     check(stop)  # a stop during loading takes effect here, before the network and the caches
     global_batch = tr.batch_size * accelerator.num_processes
-    batches_per_epoch = len(ds.epoch_batches(0, global_batch))
-    steps_per_epoch = math.ceil(batches_per_epoch / tr.grad_accum)
+    steps_per_epoch = math.ceil(ds.batches_per_epoch(global_batch) / tr.grad_accum)
     total_steps = tr.epochs * steps_per_epoch if tr.epochs > 0 else tr.steps
 
     parts = _add_network(cfg, base, device)

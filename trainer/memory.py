@@ -8,7 +8,7 @@ allocator does with them decides both the speed and the resident size:
   in (zeroed page by page) again by the next step: 170 000 page faults, 0.25-0.76 s of system time per SD 1.5
   step at 256 px.
 - `keep_freed_memory` (the default when training or generating on the CPU) keeps freed blocks on the heap for
-  the next step. `scripts/benchmark.py`, side by side with glibc's defaults (fwd-fp32 / fwd-fp32-glibc,
+  the next step. `scripts/bench/training.py`, side by side with glibc's defaults (fwd-fp32 / fwd-fp32-glibc,
   fwdbwd-fp32 / fwdbwd-fp32-glibc), SD 1.5 fp32: a forward pass 0.83× the time at 256 px and 0.91× at 512 px,
   a forward + backward with our LoRA 0.91× and 0.98×; its cost is the heap's fragmentation: the same peak RSS at
   256 px, +0.44 GB (6.62 -> 7.06 GB) for the forward + backward at 512 px.
@@ -61,7 +61,7 @@ def return_big_blocks_to_the_os() -> None:
     """training.return_freed_memory: every block of 4 MB or more gets its own map, unmapped when freed.
 
     The heap then cannot fragment between the set-up (VAE encoding at full resolution) and the steps, or between
-    forward and backward. `scripts/benchmark.py` (ours-fp32-freed / ours-fp32), SD 1.5 fp32: peak RSS 4.32 vs
+    forward and backward. `scripts/bench/training.py` (ours-fp32-freed / ours-fp32), SD 1.5 fp32: peak RSS 4.32 vs
     4.33 GB at 256 px and 5.42 vs 5.80 GB at 512 px, for steps 1.26× and 1.15× as long, since every big block is
     a fresh, zeroed map (docs/benchmark-results/2026-11-28-sd15-cpu-lora-products.json; before lean.py's LoRA
     products, 7.08 → 5.97 GB at 512 px). Off by default, on in the low-memory preset.

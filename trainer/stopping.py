@@ -8,6 +8,10 @@ to where the step began (`Window`), so the checkpoint continues exactly like an 
 from __future__ import annotations
 
 import copy
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,26 @@ class StopRequested:
     def step_done(self, step: int) -> None:
         if self.at_step is not None and step >= self.at_step:
             self.flag = True
+
+
+def stop_signals() -> tuple[int, ...]:
+    """SIGTERM (the UI's Stop on Linux/macOS), SIGINT (Ctrl+C), and on Windows SIGBREAK: the UI's Stop sends
+    CTRL_BREAK_EVENT to the trainer's process group there, which Python delivers as SIGBREAK."""
+    return (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequested) -> Iterator[None]:
+    """While training, the stop signals set `stop`; the previous handlers come back afterwards. Handlers can only
+    be set from the main thread (a notebook or a test may train in another, and stop through `stop`)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def any_process(flag: bool, accelerator) -> bool:

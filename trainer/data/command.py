@@ -12,21 +12,23 @@ from .report import DatasetError, DatasetReport
 def dataset_report(path_or_cfg: str | Path | DataConfig | TrainConfig, seed: int = 0) -> DatasetReport:
     """Check a dataset and describe it. Never raises for bad data: an unusable dataset is a report with
     usable=False and the reason."""
-    batch = 1
+    batch, accum = 1, 1
     if isinstance(path_or_cfg, TrainConfig):
-        cfg, seed, batch = path_or_cfg.data, path_or_cfg.training.seed, path_or_cfg.training.batch_size
+        tr = path_or_cfg.training
+        cfg, seed, batch, accum = path_or_cfg.data, tr.seed, tr.batch_size, tr.grad_accum
     elif isinstance(path_or_cfg, DataConfig):
         cfg = path_or_cfg
     else:
         cfg = DataConfig(dataset=str(path_or_cfg))
     try:
         ds = load_dataset(cfg, seed)
-        ds.report.batch_size, ds.report.batches_per_epoch = batch, ds.steps_per_epoch(batch)
+        ds.report.batch_size, ds.report.grad_accum = batch, accum
+        ds.report.batches_per_epoch = ds.batches_per_epoch(batch)
         return ds.report
     except DatasetError as e:
         if not e.report.source:
             e.report.source = cfg.dataset
-        e.report.batch_size = batch
+        e.report.batch_size, e.report.grad_accum = batch, accum
         return e.report
 
 

@@ -79,7 +79,8 @@ class Dataset:
     def random_crop(self) -> bool:
         return self.cfg.crop == "random"
 
-    def steps_per_epoch(self, global_batch: int = 1) -> int:
+    def batches_per_epoch(self, global_batch: int = 1) -> int:
+        """len(epoch_batches(e, global_batch)) without drawing them: each bucket's draws in full batches."""
         per_bucket = Counter()
         for record in self.images:
             per_bucket[record.bucket] += record.repeats
@@ -325,7 +326,7 @@ def _summarise(scan: Scan, records: list[ImageRecord], report: DatasetReport) ->
                                             subset.is_reg, len(mine), sum(r.repeats for r in mine)))
     for record in records:
         report.buckets[record.bucket] = report.buckets.get(record.bucket, 0) + 1
-    report.steps_per_epoch = sum(r.repeats for r in records)
+    report.draws_per_epoch = sum(r.repeats for r in records)
     report.top_tags = count_tags(r.caption for r in records if not r.is_reg).most_common(TOP_TAGS)
 
 

@@ -5,6 +5,7 @@ to_dict() is the same content for machines.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +40,19 @@ class DatasetReport:
     missing_captions: list[Path] = field(default_factory=list)  # trained on the class text (or trigger word)
     long_captions: list[tuple[Path, int, int]] = field(default_factory=list)  # (file, tokens, cut off); in warnings too
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # (w, h) -> images
-    steps_per_epoch: int = 0  # at batch size 1 (= draws per epoch)
-    batch_size: int = 1  # a run's batch size, when the report is about a run (dataset_report(TrainConfig))
-    batches_per_epoch: int = 0  # at that batch size: one bucket per batch, so not simply draws / batch size
+    # An epoch in three counts: draws (every image × its repeats), batches of `batch_size` draws (one bucket per
+    # batch, so not simply draws / batch size), optimiser steps (one per `grad_accum` batches, what events count).
+    draws_per_epoch: int = 0
+    batch_size: int = 1  # a run's batch size and gradient accumulation, when the report is about a run
+    grad_accum: int = 1  # (dataset_report(TrainConfig))
+    batches_per_epoch: int = 0
     top_tags: list[tuple[str, int]] = field(default_factory=list)
     root: Path | None = None  # file names in lines() are shown relative to this
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch, as the training loop counts them."""
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
 
     def display_name(self, path: Path) -> str:
         """A file's name relative to the dataset root (short, and still unambiguous)."""
@@ -61,11 +70,15 @@ class DatasetReport:
                 f" (class text {f.class_tokens!r})" if f.class_tokens else "")
             out.append(f"  {f.name}: {f.images} image{'s' * (f.images != 1)} × {f.repeats} repeat"
                        f"{'s' * (f.repeats != 1)}{kind}")
-        if self.batch_size > 1:
-            out.append(f"Images per epoch: {self.steps_per_epoch}; steps per epoch at batch size {self.batch_size}: "
+        if self.grad_accum > 1:
+            out.append(f"Images per epoch: {self.draws_per_epoch}; batches of {self.batch_size} per epoch: "
+                       f"{self.batches_per_epoch}; steps per epoch with gradient accumulation {self.grad_accum}: "
+                       f"{self.steps_per_epoch}")
+        elif self.batch_size > 1:
+            out.append(f"Images per epoch: {self.draws_per_epoch}; steps per epoch at batch size {self.batch_size}: "
                        f"{self.batches_per_epoch}")
         else:
-            out.append(f"Steps per epoch at batch size 1: {self.steps_per_epoch}")
+            out.append(f"Steps per epoch at batch size 1: {self.draws_per_epoch}")
         if self.buckets:
             out.append("Buckets (w×h: images): " + ", ".join(
                 f"{w}×{h}: {n}" for (w, h), n in sorted(self.buckets.items(), key=lambda kv: (-kv[1], kv[0]))))
@@ -93,8 +106,9 @@ class DatasetReport:
             "missing_captions": [str(p) for p in self.missing_captions],
             "long_captions": [{"path": str(p), "tokens": n, "lost": lost} for p, n, lost in self.long_captions],
             "buckets": [{"resolution": [w, h], "images": n} for (w, h), n in sorted(self.buckets.items())],
+            "draws_per_epoch": self.draws_per_epoch, "batch_size": self.batch_size,
+            "batches_per_epoch": self.batches_per_epoch, "grad_accum": self.grad_accum,
             "steps_per_epoch": self.steps_per_epoch,
-            "batch_size": self.batch_size, "batches_per_epoch": self.batches_per_epoch,
             "top_tags": [[tag, n] for tag, n in self.top_tags],
         }
 
