@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from trainer.config import PROJECT_ROOT as ROOT
+
 SD1_CONFIGS = ROOT / "trainer" / "model_configs" / "sd1"
 PROMPT = "a red circle on a white background"
 
