@@ -24,17 +24,15 @@ import time
 from pathlib import Path
 from statistics import median
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from trainer.generate import Generator, LoraSpec, make_pipeline  # noqa: E402
-from trainer.lora_file import kohya_module_name, save_lora  # noqa: E402
-from trainer.network import TEXT_TARGETS, text_target_names, unet_target_names  # noqa: E402
+from trainer.config import PROJECT_ROOT as ROOT
+from trainer.generate import Generator, LoraSpec, make_pipeline
+from trainer.lora_file import kohya_module_name, save_lora
+from trainer.network import TEXT_TARGETS, text_target_names, unet_target_names
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TARGETS = {"demo": 0.5, "sd15": 0.9}
