@@ -20,7 +20,9 @@ from trainer.config import PROJECT_ROOT
 from trainer.generate import Generator
 
 CSS = """
-/* the run on screen (status, loss, samples) stays in view while the dataset and settings scroll beside it */
+/* the run on screen (status, loss, samples) stays in view while the dataset and settings scroll beside it;
+   Gradio's container hides overflow, which makes it a scroll container and stops `sticky`: clip does not */
+.gradio-container { overflow: clip !important; }
 #train-panel { position: sticky; top: 8px; align-self: flex-start; max-height: calc(100vh - 16px); flex-wrap: nowrap;
                overflow-y: auto; }
 .caption-card img { object-fit: cover; }

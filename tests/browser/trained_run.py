@@ -74,8 +74,10 @@ def _train(page, seen: Observed, shots: Path) -> None:
     _shot(page, seen, shots, "training")
     # while training, the run is in view at the top of the page and still after scrolling to the captions
     for where in ("top", "scrolled"):
-        if where == "scrolled":
-            page.locator(".caption-box").last.scroll_into_view_if_needed()
+        if where == "scrolled":  # the wheel, as a user scrolls down to the captions and the settings
+            page.mouse.move(300, 500)
+            page.mouse.wheel(0, 1500)
+            page.wait_for_function("window.scrollY > 1000", timeout=10_000)
             _shot(page, seen, shots, "training-scrolled")
         for name, selector in (("status", "#train-status-text"), ("loss", "#loss-plot"), ("samples", "#samples")):
             seen.visible_while_training[(name, where)] = in_viewport(page, selector)
