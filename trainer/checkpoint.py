@@ -23,6 +23,7 @@ STATE_KEYS = (
     "noise_rng",                     # the shared generator of noise and timesteps
     "torch_rng", "cuda_rng",         # every process's CPU and CUDA RNG (LoRA dropout), in process order
     "grad_scaler",                   # fp16: the loss scale reached ({} without a scaler)
+    "run_info",                      # what the export's metadata needs (metadata.RunInfo as a dict): export_run.py
 )
 
 
@@ -45,7 +46,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def capture(position: Position, parts: dict[str, torch.nn.Module], optimizer, scheduler,
-            noise_rng: torch.Generator, accelerator) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+            noise_rng: torch.Generator, accelerator, run_info: dict | None = None
+            ) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
     """(LoRA weights per part, state) on the main process, None on the others. Every process must call it:
     each one's RNG states are gathered into the one checkpoint the main process writes."""
     device, world = accelerator.device, accelerator.num_processes
@@ -60,7 +62,8 @@ def capture(position: Position, parts: dict[str, torch.nn.Module], optimizer, sc
     state = {"step": position.step, "epoch": position.epoch, "batch_index": position.batch_index,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "noise_rng": noise_rng.get_state(), "torch_rng": torch_rng, "cuda_rng": cuda_rng,
-             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
+             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+             "run_info": run_info or {}}
     assert tuple(state) == STATE_KEYS
     return lora, state
 

@@ -393,12 +393,12 @@ def _sample(run: Run, stop: StopRequested, events: EventLog) -> list[str]:
 
 def _checkpoint(run: Run, events: EventLog) -> Path | None:
     """Every process takes part (their RNG states are gathered); the main process writes and exports."""
-    captured = capture(run.pos, run.parts, run.optimizer, run.scheduler, run.noise_rng, run.accelerator)
+    captured = capture(run.pos, run.parts, run.optimizer, run.scheduler, run.noise_rng, run.accelerator,
+                       dataclasses.asdict(_info(run)))  # run_info: for `python -m trainer export` (export_run.py)
     path = None
     if captured is not None:
         lora, state = captured
         check_weights(lora, run.cfg, run.pos.step)
-        state["run_info"] = dataclasses.asdict(_info(run))  # for `python -m trainer export` (export_run.py)
         path = save_checkpoint(run.cfg.run_path(), run.pos.step, lora, state)
         export_lora(run.cfg, lora, path / f"{run.cfg.output.name}-step{run.pos.step}.safetensors", _info(run),
                     run.base.family.is_sdxl)
