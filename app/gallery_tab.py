@@ -188,7 +188,7 @@ def generate(folders: Folders, live: LiveGeneration, base, prompt, negative, see
     if p.phase == "cancelled":
         yield gr.skip(), bar, f"Cancelled at step {p.step} of {p.total}: no picture was saved."
         return
-    loaded = " (the base model was loaded first)" if live.gen.loads > loads else ""
+    loaded = " (after loading the base model)" if live.gen.loads > loads else ""
     yield (_save(folders, p.result, "gen"), bar,
            f"Generated in {time.time() - p.started:.1f} s{loaded} with {len(specs) + tagged} LoRA(s): "
            f"{len(specs)} from the pickers, {tagged} from the prompt. Base model loads so far: {live.gen.loads}.")
