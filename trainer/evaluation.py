@@ -1,0 +1,130 @@
+"""A run's evaluation: the prompts it is judged on, the base model's pictures, and the numbers at each checkpoint.
+
+The measures themselves are defined in trainer/eval_metrics.py (strength, leak, likeness) and
+trainer/validation.py (validation loss); the rule that picks a checkpoint from them in trainer/recommend.py.
+Here: which prompts (derived from the captions unless the config names them), drawing them at fixed seeds, and
+the `evaluation` event's fields.
+
+Prompts:
+- sample prompts: the config's, else the first caption and one held-out variation of it (its first colour word
+  changed, so a user sees whether the LoRA follows the prompt or only repeats its training pictures);
+- leak prompts: the config's, else the sample prompts with the trigger words taken out;
+- likeness prompts: up to LIKENESS_IMAGES training captions, spread over the set, each paired with its image.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import eval_metrics as em
+
+LIKENESS_IMAGES = 3  # training captions drawn at each checkpoint to compare with their own images
+# Colour words and what a held-out variation puts in their place (a colour far from it on the wheel).
+COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "purple", "purple": "green", "yellow": "blue",
+               "orange": "blue", "pink": "green", "white": "black", "black": "white", "brown": "blue",
+               "gray": "red", "grey": "red", "blonde": "black", "silver": "red", "gold": "blue"}
+
+Render = Callable[[list[str], list[int]], list[Image.Image]]  # (prompts, seeds) → pictures, one per prompt
+
+
+def trigger_words(captions: list[str], configured: str, tokenizer=None) -> list[str]:
+    """The words that name the LoRA's subject or style: data.trigger_word when set; else the comma-separated tags
+    in at least half of the captions (how kohya-style sets name a trigger); else the words in at least half of
+    the captions that the tokenizer does not know as one word (an invented name such as "zorbo")."""
+    if configured.strip():
+        return [configured.strip()]
+    tags = Counter(t.strip() for c in captions for t in set(c.split(",")[1:]) if t.strip())
+    found = [t for t, n in tags.items() if 2 * n >= len(captions)]
+    if found or tokenizer is None:
+        return found
+    words = Counter(w for c in captions for w in set(re.findall(r"[A-Za-z][\w-]*", c.lower())))
+    return [w for w, n in words.items() if 2 * n >= len(captions) and len(tokenizer.tokenize(w)) > 1]
+
+
+def without(prompt: str, words: list[str]) -> str:
+    """The prompt with each of `words` taken out (as whole words), tidy commas and spaces."""
+    for w in words:
+        prompt = re.sub(rf"(?i)(^|[\s,]){re.escape(w)}(?=$|[\s,])", r"\1", prompt)
+    prompt = re.sub(r"\s*,\s*(,\s*)+", ", ", prompt)
+    return re.sub(r"\s{2,}", " ", prompt).strip(" ,")
+
+
+def variation(caption: str) -> str | None:
+    """The caption with its first colour word changed; None when it names no colour."""
+    match = re.search(rf"(?i)\b({'|'.join(COLOUR_SWAP)})\b", caption)
+    if not match:
+        return None
+    word = match.group(1)
+    return caption[:match.start()] + COLOUR_SWAP[word.lower()] + caption[match.end():]
+
+
+def default_sample_prompts(captions: list[str]) -> list[str]:
+    first = captions[0]
+    other = variation(first)
+    return [first] + ([other] if other and other not in captions else [])
+
+
+@dataclass
+class Prompts:
+    sample: list[str]  # strength: the LoRA on these should differ from the base
+    leak: list[str]  # these it should leave alone
+    likeness: list[str]  # training captions, paired with likeness_images
+    likeness_images: list[Image.Image] = field(default_factory=list)
+
+
+def evaluation_prompts(sample: list[str], leak: list[str], captions: list[str], images: list[Image.Image],
+                       triggers: list[str], count: int = LIKENESS_IMAGES) -> Prompts:
+    """The three prompt sets; `images[i]` is the training picture of `captions[i]`."""
+    leak = leak or [p for p in dict.fromkeys(without(p, triggers) for p in sample) if p and p not in sample]
+    picks = sorted({round(i * len(captions) / count) for i in range(min(count, len(captions)))})
+    return Prompts(sample, leak, [captions[i] for i in picks], [images[i] for i in picks])
+
+
+class Evaluator:
+    """Holds the base model's pictures' features; measures a checkpoint's pictures against them."""
+
+    def __init__(self, vae, prompts: Prompts, seed: int):
+        self.vae, self.prompts, self.seed = vae, prompts, seed
+        self.training = em.pictures_stats(vae, prompts.likeness_images) if prompts.likeness_images else None
+        self.base: dict[str, list] | None = None
+        self.base_pictures: list[Image.Image] = []
+
+    def all_prompts(self) -> tuple[list[str], list[int]]:
+        """Every prompt drawn at a checkpoint, each once, with its seed (seed + its place in the list)."""
+        prompts = list(dict.fromkeys(self.prompts.sample + self.prompts.leak + self.prompts.likeness))
+        return prompts, [self.seed + i for i in range(len(prompts))]
+
+    def _draw(self, render: Render) -> tuple[dict[str, Image.Image], dict[str, list]]:
+        prompts, seeds = self.all_prompts()
+        pictures = dict(zip(prompts, render(prompts, seeds)))
+        feats = {name: em.vae_features(self.vae, [pictures[p] for p in group])
+                 for name, group in (("sample", self.prompts.sample), ("leak", self.prompts.leak)) if group}
+        if self.prompts.likeness:
+            feats["likeness"] = em.pictures_stats(self.vae, [pictures[p] for p in self.prompts.likeness])
+        return pictures, feats
+
+    def set_base(self, render: Render) -> list[Image.Image]:
+        """The base model's pictures (a LoRA at step 0 is the identity): what strength and leak are measured from."""
+        pictures, self.base = self._draw(render)
+        self.base_pictures = list(pictures.values())
+        return self.base_pictures
+
+    def measure(self, render: Render) -> dict:
+        """strength, leak, likeness of the model `render` draws with (see eval_metrics)."""
+        assert self.base is not None, "set_base first"
+        _, feats = self._draw(render)
+        out: dict = {}
+        for name in ("sample", "leak"):
+            if name in feats:
+                value = float(em.picture_distance(feats[name], self.base[name]).mean())
+                out["strength" if name == "sample" else "leak"] = round(value, 5)
+        out.setdefault("leak", None)
+        if "likeness" in feats:
+            value = em.likeness(feats["likeness"], self.base["likeness"], self.training)
+            out["likeness"] = None if value is None else round(value, 4)
+        return out

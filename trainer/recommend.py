@@ -1,0 +1,41 @@
+"""Which checkpoint to use: a rule over the numbers each checkpoint's evaluation measured (trainer/evaluation.py).
+
+The rule: among the checkpoints whose likeness is within MARGIN of the best likeness seen (it has learnt what
+the training images look like, about as well as any), take the earliest whose leak is low (LEAK_SHARE of its
+strength or less: it changes its own prompts, and leaves prompts without its trigger word mostly alone). Earliest,
+because training longer past that point mostly adds leak and wears away what the prompt asks for (colours,
+shapes) while likeness no longer rises. When no checkpoint near the best likeness has a low leak, the one of them
+with the lowest leak relative to its strength.
+
+The validation loss is shown beside these but plays no part: a diffusion model's loss barely moves while what it
+draws changes a lot, and picking by lowest validation loss did no better on the demo world (tests/test_recommend).
+"""
+from __future__ import annotations
+
+MARGIN = 0.1  # of the best likeness: checkpoints within it have learnt the look about equally well
+LEAK_SHARE = 0.5  # a low leak: at most this share of the strength
+
+
+def recommend(evaluations: list[dict], margin: float = MARGIN, leak_share: float = LEAK_SHARE) -> dict | None:
+    """{"step", "reason"} for a list of `evaluation` events (step, strength, leak, likeness); None without any
+    checkpoint whose likeness was measured."""
+    rated = sorted((e for e in evaluations if e.get("likeness") is not None), key=lambda e: e["step"])
+    if not rated:
+        return None
+    best = max(rated, key=lambda e: e["likeness"])
+    floor = best["likeness"] - margin * abs(best["likeness"])
+    near = [e for e in rated if e["likeness"] >= floor]
+    low_leak = [e for e in near if e["leak"] <= leak_share * e["strength"]]
+    near_text = (f"likeness {{l:.2f}} is within {margin:.0%} of the best, {best['likeness']:.2f} at step "
+                 f"{best['step']}")
+    if low_leak:
+        pick = low_leak[0]
+        why = (f"the earliest checkpoint whose {near_text.format(l=pick['likeness'])} and whose leak "
+               f"({pick['leak']:.3f}) is at most {leak_share:.0%} of its strength ({pick['strength']:.3f})")
+    else:
+        pick = min(near, key=lambda e: e["leak"] / max(e["strength"], 1e-9))
+        why = (f"of the checkpoints whose likeness is within {margin:.0%} of the best ({best['likeness']:.2f} at step "
+               f"{best['step']}), the one leaking least for its strength: leak {pick['leak']:.3f}, strength "
+               f"{pick['strength']:.3f} (none leaks less than {leak_share:.0%} of its strength)")
+    return {"step": pick["step"], "reason": why, "likeness": pick["likeness"], "leak": pick["leak"],
+            "strength": pick["strength"]}
