@@ -108,12 +108,9 @@ def caption_list(name: str) -> list[str]:
 
 
 def test_prompts_from_the_demo_captions():
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(ROOT / "trainer" / "tokenizer")
     style, character = caption_list("demo-style"), caption_list("demo-character")
     assert trigger_words(style, "") == ["zebrastyle"]  # the tag in every caption
-    assert trigger_words(character, "", tokenizer) == ["zorbo"]  # the invented word in every caption
+    assert trigger_words(character, "") == ["zorbo"]  # the invented word in every caption
     assert trigger_words(character, "ohwx") == ["ohwx"]  # the config's word wins
     assert without("a red circle on a white background, zebrastyle", ["zebrastyle"]) == \
         "a red circle on a white background"

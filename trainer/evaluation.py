@@ -14,7 +14,6 @@ Prompts:
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from . import eval_metrics as em
+from .data.captions import coined_words, count_tags
 
 LIKENESS_IMAGES = 3  # training captions drawn at each checkpoint to compare with their own images
 # Colour words and what a held-out variation puts in their place (a colour far from it on the wheel).
@@ -32,18 +32,15 @@ COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "purple", "purple": "green
 Render = Callable[[list[str], list[int]], list[Image.Image]]  # (prompts, seeds) → pictures, one per prompt
 
 
-def trigger_words(captions: list[str], configured: str, tokenizer=None) -> list[str]:
-    """The words that name the LoRA's subject or style: data.trigger_word when set; else the comma-separated tags
-    in at least half of the captions (how kohya-style sets name a trigger); else the words in at least half of
-    the captions that the tokenizer does not know as one word (an invented name such as "zorbo")."""
+def trigger_words(captions: list[str], configured: str) -> list[str]:
+    """The words that name the LoRA's subject or style: data.trigger_word when set; else the tags in at least
+    half of the captions (how tagged sets name a trigger); else the coined words of captions written as
+    sentences ("zorbo"): the Gallery's rule (trainer/lora_file.trigger_words), on the captions themselves."""
     if configured.strip():
         return [configured.strip()]
-    tags = Counter(t.strip() for c in captions for t in set(c.split(",")[1:]) if t.strip())
-    found = [t for t, n in tags.items() if 2 * n >= len(captions)]
-    if found or tokenizer is None:
-        return found
-    words = Counter(w for c in captions for w in set(re.findall(r"[A-Za-z][\w-]*", c.lower())))
-    return [w for w, n in words.items() if 2 * n >= len(captions) and len(tokenizer.tokenize(w)) > 1]
+    counts = count_tags(captions)
+    common = [t for t, n in counts.most_common() if 2 * n >= len(captions)][:5]
+    return common or coined_words(counts, len(captions))[:3]
 
 
 def without(prompt: str, words: list[str]) -> str:
