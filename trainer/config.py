@@ -53,6 +53,9 @@ class DataConfig:
     repeats: int = 1  # repeats of a plain folder (kohya N_name folders carry their own)
     prior_loss_weight: float = 1.0  # loss weight of regularisation images
     cache_latents: str = "auto"  # auto | disk | off: auto = on disk whenever augmentation allows it
+    # share of the images held out of training for the validation loss (every n-th image); 0 = none held out:
+    # the loss is then measured on the training images (labelled so), unless evaluation.validation_dir is set
+    validation_split: float = 0.0
 
 
     def bucket_range(self) -> tuple[int, int]:
@@ -117,6 +120,16 @@ class SampleConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Measured at every checkpoint (trainer/evaluation.py): the `evaluation` and `recommendation` events."""
+    at_checkpoints: str = "auto"  # auto | off: auto = every checkpoint is measured and one is recommended
+    leak_prompts: list[str] = field(default_factory=list)  # prompts the LoRA should leave alone; [] = the sample prompts without the trigger words
+    likeness_images: int = 3  # training captions drawn at each checkpoint and compared with their own images
+    validation_dir: str = ""  # held-out images with captions for the validation loss ("" = data.validation_split)
+    validation_images: int = 16  # at most this many images in the validation loss (8 timesteps each)
+
+
+@dataclass
 class OutputConfig:
     name: str = "my-lora"  # file stem; no ':' or ',' (A1111's <lora:name:w> syntax splits on them)
     lora_dir: str = "models/Lora"  # where the finished .safetensors goes
@@ -139,6 +152,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +179,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
     "training.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "training.cache_text_encoder_outputs": ("auto", "off"),
+    "evaluation.at_checkpoints": ("auto", "off"),
     "output.save_precision": ("fp16", "fp32"),
     "output.format": ("kohya", "diffusers"),
 }
@@ -201,6 +216,9 @@ RANGES: dict[str, tuple[float, float | None, bool, str]] = {
     "sample.cfg": (0, None, False, "7 is usual"),
     "sample.width": (0, None, False, "0 = the training resolution"),
     "sample.height": (0, None, False, "0 = the training resolution"),
+    "data.validation_split": (0, 0.5, False, "0.1 holds out every tenth image"),
+    "evaluation.likeness_images": (0, None, False, "0 = no likeness"),
+    "evaluation.validation_images": (1, None, False, ""),
     "output.save_every_n_steps": (0, None, False, "0 = only at the end"),
     "output.save_every_n_epochs": (0, None, False, "0 = only at the end"),
     "output.save_every_n_minutes": (0, None, False, "0 = no clock-based checkpoints; 10 is the default"),
@@ -275,7 +293,7 @@ def validate_data(data: DataConfig) -> DataConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    for section in ("model", "network", "optimizer", "training", "sample", "output"):
+    for section in ("model", "network", "optimizer", "training", "sample", "evaluation", "output"):
         _check_choices(getattr(cfg, section), section)
         _check_ranges(getattr(cfg, section), section)
     validate_data(cfg.data)
