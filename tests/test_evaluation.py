@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def vae():
+def encoder():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(ROOT / "models" / "demo", subfolder="vae").eval()
+    return AutoencoderKL.from_pretrained(ROOT / "models" / "demo", subfolder="vae").eval().encoder
 
 
 SCENES = world.scenes(12, seed=3)
@@ -48,9 +48,9 @@ def shifted(images, by=3):
     return [Image.fromarray(np.roll(np.asarray(im), (by, by), (0, 1))) for im in images]
 
 
-def test_picture_distance_is_zero_for_the_same_picture_and_grows_with_the_change(vae):
+def test_picture_distance_is_zero_for_the_same_picture_and_grows_with_the_change(encoder):
     plain, striped = render(SCENES), render(SCENES, "stripes")
-    f = lambda images: em.vae_features(vae, images)  # noqa: E731
+    f = lambda images: em.vae_features(encoder, images)  # noqa: E731
     assert float(em.picture_distance(f(plain), f(plain)).abs().max()) < 1e-6
     restyled = em.picture_distance(f(plain), f(striped))
     torch.testing.assert_close(restyled, em.picture_distance(f(striped), f(plain)))  # symmetric
@@ -66,18 +66,18 @@ def test_picture_distance_is_zero_for_the_same_picture_and_grows_with_the_change
     assert other > 4 * float(restyled.mean()) and other > 4 * shift
 
 
-def test_likeness_is_one_for_the_training_pictures_and_zero_for_the_base(vae):
-    training = em.pictures_stats(vae, render(SCENES, "stripes"))
-    base = em.pictures_stats(vae, render(SCENES))  # the same content without the style
+def test_likeness_is_one_for_the_training_pictures_and_zero_for_the_base(encoder):
+    training = em.pictures_stats(encoder, render(SCENES, "stripes"))
+    base = em.pictures_stats(encoder, render(SCENES))  # the same content without the style
     assert em.likeness(training, base, training) == pytest.approx(1.0)
     assert em.likeness(base, base, training) == pytest.approx(0.0)
     # The style in other places and stripe phases is still the style; plain figures elsewhere are not.
-    style_moved = em.likeness(em.pictures_stats(vae, render(moved(SCENES), "stripes")), base, training)
-    plain_moved = em.likeness(em.pictures_stats(vae, render(moved(SCENES))), base, training)
+    style_moved = em.likeness(em.pictures_stats(encoder, render(moved(SCENES), "stripes")), base, training)
+    plain_moved = em.likeness(em.pictures_stats(encoder, render(moved(SCENES))), base, training)
     assert style_moved > 0.8 and abs(plain_moved) < 0.2
     # Half the pictures striped: about half-way.
     half = render(SCENES[:6], "stripes") + render(SCENES[6:])
-    assert 0.3 < em.likeness(em.pictures_stats(vae, half), base, training) < 0.7
+    assert 0.3 < em.likeness(em.pictures_stats(encoder, half), base, training) < 0.7
     # A base that already looks like the training pictures leaves nothing to measure.
     assert em.likeness(training, training, training) is None
 
@@ -121,10 +121,12 @@ def test_prompts_from_the_demo_captions():
     sample = default_sample_prompts(style)
     assert sample == [style[0], "a blue circle on a white background, zebrastyle"]
     assert sample[1] not in style  # held out
-    images = [Image.new("RGB", (8, 8))] * len(style)
-    prompts = evaluation_prompts(sample, [], style, images, ["zebrastyle"])
+    loaded = []
+    prompts = evaluation_prompts(sample, [], style, lambda i: loaded.append(i) or Image.new("RGB", (8, 8)),
+                                 ["zebrastyle"])
     assert prompts.leak == ["a red circle on a white background", "a blue circle on a white background"]
     assert len(prompts.likeness) == 3 and prompts.likeness[0] == style[0] and len(set(prompts.likeness)) == 3
+    assert [style[i] for i in loaded] == prompts.likeness  # only the likeness pairs' pictures are loaded
 
 
 def ev(step, likeness, leak, strength=0.1):

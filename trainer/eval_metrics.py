@@ -28,11 +28,10 @@ def to_pixels(images: list[Image.Image]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vae_features(vae, images: list[Image.Image]) -> list[torch.Tensor]:
-    """The output of every down block of the VAE encoder and of its middle block for pictures of one size:
-    [B, C_l, H_l, W_l] per layer, fp32 on the CPU."""
+def vae_features(encoder, images: list[Image.Image]) -> list[torch.Tensor]:
+    """The output of every down block of a VAE's encoder (`vae.encoder`) and of its middle block for pictures of
+    one size: [B, C_l, H_l, W_l] per layer, fp32 on the CPU."""
     assert len({im.size for im in images}) == 1, "vae_features takes pictures of one size"
-    encoder = vae.encoder
     param = next(encoder.parameters())
     with torch.autocast(param.device.type, enabled=False):
         h = encoder.conv_in(to_pixels(images).to(param.device, param.dtype))
@@ -70,9 +69,9 @@ def picture_stats(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def pictures_stats(vae, images: list[Image.Image]) -> list[torch.Tensor]:
+def pictures_stats(encoder, images: list[Image.Image]) -> list[torch.Tensor]:
     """picture_stats of pictures of any sizes (each encoded on its own): [B, C + C²] per layer."""
-    rows = [picture_stats(vae_features(vae, [im])) for im in images]
+    rows = [picture_stats(vae_features(encoder, [im])) for im in images]
     return [torch.cat([r[layer] for r in rows]) for layer in range(len(rows[0]))]
 
 

@@ -74,20 +74,22 @@ class Prompts:
     likeness_images: list[Image.Image] = field(default_factory=list)
 
 
-def evaluation_prompts(sample: list[str], leak: list[str], captions: list[str], images: list[Image.Image],
-                       triggers: list[str], count: int = LIKENESS_IMAGES) -> Prompts:
-    """The three prompt sets; `images[i]` is the training picture of `captions[i]`."""
+def evaluation_prompts(sample: list[str], leak: list[str], captions: list[str],
+                       picture: Callable[[int], Image.Image], triggers: list[str],
+                       count: int = LIKENESS_IMAGES) -> Prompts:
+    """The three prompt sets; `picture(i)` is the training picture of `captions[i]` (only the likeness pairs'
+    are loaded)."""
     leak = leak or [p for p in dict.fromkeys(without(p, triggers) for p in sample) if p and p not in sample]
     picks = sorted({round(i * len(captions) / count) for i in range(min(count, len(captions)))})
-    return Prompts(sample, leak, [captions[i] for i in picks], [images[i] for i in picks])
+    return Prompts(sample, leak, [captions[i] for i in picks], [picture(i) for i in picks])
 
 
 class Evaluator:
     """Holds the base model's pictures' features; measures a checkpoint's pictures against them."""
 
-    def __init__(self, vae, prompts: Prompts, seed: int):
-        self.vae, self.prompts, self.seed = vae, prompts, seed
-        self.training = em.pictures_stats(vae, prompts.likeness_images) if prompts.likeness_images else None
+    def __init__(self, encoder, prompts: Prompts, seed: int):
+        self.encoder, self.prompts, self.seed = encoder, prompts, seed  # encoder: the VAE's (features)
+        self.training = em.pictures_stats(encoder, prompts.likeness_images) if prompts.likeness_images else None
         self.base: dict[str, list] | None = None
         self.base_pictures: list[Image.Image] = []
 
@@ -99,10 +101,10 @@ class Evaluator:
     def _draw(self, render: Render) -> tuple[dict[str, Image.Image], dict[str, list]]:
         prompts, seeds = self.all_prompts()
         pictures = dict(zip(prompts, render(prompts, seeds)))
-        feats = {name: em.vae_features(self.vae, [pictures[p] for p in group])
+        feats = {name: em.vae_features(self.encoder, [pictures[p] for p in group])
                  for name, group in (("sample", self.prompts.sample), ("leak", self.prompts.leak)) if group}
         if self.prompts.likeness:
-            feats["likeness"] = em.pictures_stats(self.vae, [pictures[p] for p in self.prompts.likeness])
+            feats["likeness"] = em.pictures_stats(self.encoder, [pictures[p] for p in self.prompts.likeness])
         return pictures, feats
 
     def set_base(self, render: Render) -> list[Image.Image]:

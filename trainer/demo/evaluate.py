@@ -59,3 +59,32 @@ def style_prompts() -> tuple[list[str], list[str]]:
 
 def character_prompts() -> tuple[list[str], list[str]]:
     return [world.character_prompt(c, b) for c, b in CHARACTER_PROMPTS], [c for c, _ in CHARACTER_PROMPTS]
+
+
+# Prompts without the character's name, to see whether a character LoRA leaves other figures alone.
+OTHER_FIGURES = [("red", "triangle", "gray"), ("blue", "circle", "white"), ("green", "square", "black"),
+                 ("yellow", "diamond", "gray")]
+
+
+def true_quality(generator, dataset: str, lora: Path) -> dict[str, float]:
+    """What a demo LoRA is worth, from what is known about the world (the recommendation's yardstick):
+    quality = learnt × colour kept × shape kept, each a share in [0, 1] over held-out prompts × SEEDS.
+    - demo-style: learnt = stripe score / 0.24 (what the preset's LoRA reaches; capped at 1), colour kept = the
+      colour score, shape kept = the share of pictures whose figure is the prompted shape (best_fit).
+    - demo-character: learnt = the share of character prompts drawn as the mushroom, colour kept = their colour
+      score, shape kept = the share of prompts without the name (OTHER_FIGURES) still drawn as their shape."""
+    if dataset == "demo-style":
+        images = pictures(generator, style_prompts()[0], [(lora, 1.0)])
+        colours = [c for c, _, _ in STYLE_PROMPTS for _ in SEEDS]
+        shapes = [s for _, s, _ in STYLE_PROMPTS for _ in SEEDS]
+        learnt = min(1.0, float(np.mean([metrics.stripe_score(im) for im in images])) / 0.24)
+    else:
+        images = pictures(generator, character_prompts()[0], [(lora, 1.0)])
+        colours = [c for c, _ in CHARACTER_PROMPTS for _ in SEEDS]
+        learnt = float(np.mean([metrics.best_fit(im) == world.CHARACTER_SHAPE for im in images]))
+        others = [world.style_prompt(c, s, b).replace(f", {world.STYLE_TRIGGER}", "") for c, s, b in OTHER_FIGURES]
+        shapes = [s for _, s, _ in OTHER_FIGURES for _ in SEEDS]
+    colour = float(np.mean([metrics.colour_score(im, c) for im, c in zip(images, colours)]))
+    shape_images = images if dataset == "demo-style" else pictures(generator, others, [(lora, 1.0)])
+    kept = float(np.mean([metrics.best_fit(im, world.BASE_SHAPES) == s for im, s in zip(shape_images, shapes)]))
+    return {"learnt": learnt, "colour": colour, "shape": kept, "quality": learnt * colour * kept}

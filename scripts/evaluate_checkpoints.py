@@ -1,0 +1,78 @@
+"""Evaluate a run's checkpoint LoRAs after the fact, as training does at each checkpoint, and say which to use.
+
+    .venv/bin/python scripts/evaluate_checkpoints.py RUN_DIR [--truth demo-style|demo-character]
+
+RUN_DIR is a run folder (its config.toml names the base model and dataset; its loras/ folder or checkpoints/
+hold the checkpoint files). For each checkpoint: strength, leak, likeness (trainer/eval_metrics.py) and the
+recommendation rule (trainer/recommend.py). With --truth, a demo run's true quality per checkpoint too
+(trainer/demo/evaluate.true_quality), to check the rule against what is known.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data import load_dataset  # noqa: E402
+from trainer.judge import training_picture  # noqa: E402
+from trainer.evaluation import Evaluator, default_sample_prompts, evaluation_prompts, trigger_words  # noqa: E402
+from trainer.generate import Generator, LoraSpec  # noqa: E402
+from trainer.models import default_base_model  # noqa: E402
+from trainer.recommend import recommend  # noqa: E402
+
+
+def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
+    files = list((run_dir / "loras").glob("*-step*.safetensors")) or list(run_dir.glob("checkpoints/*/*.safetensors"))
+    found = [(int(re.search(r"-step(\d+)", f.stem).group(1)), f) for f in files if re.search(r"-step(\d+)", f.stem)]
+    return sorted(found)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--truth", choices=["demo-style", "demo-character"])
+    ap.add_argument("--final", help="the run's exported LoRA, evaluated as its last checkpoint")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    ds = load_dataset(cfg.data, cfg.training.seed)
+    gen = Generator()
+    gen.load(cfg.model.base_model or default_base_model())
+    captions = [r.caption for r in ds.images]
+    sample = cfg.sample.prompts or default_sample_prompts(captions)
+    prompts = evaluation_prompts(sample, [], captions, lambda i: training_picture(ds, i), trigger_words(captions, cfg.data.trigger_word))
+    print("prompts:", prompts.sample, prompts.leak, prompts.likeness, flush=True)
+    size = cfg.sample.width or cfg.data.resolution
+
+    def render_with(lora: Path | None):
+        specs = [LoraSpec(str(lora), 1.0)] if lora else []
+        return lambda ps, seeds: [gen.generate(p, specs, seed=s, steps=cfg.sample.steps, cfg=cfg.sample.cfg,
+                                               width=size, height=size) for p, s in zip(ps, seeds)]
+
+    ev = Evaluator(gen.pipe.vae.encoder, prompts, cfg.sample.seed)
+    ev.set_base(render_with(None))
+    files = checkpoint_files(run_dir)
+    if args.final:
+        files.append((files[-1][0] + 1 if files else 0, Path(args.final)))
+    records = []
+    for step, path in files:
+        record = {"step": step, **ev.measure(render_with(path))}
+        if args.truth:
+            from trainer.demo.evaluate import true_quality
+            record.update({f"true_{k}": round(v, 3) for k, v in true_quality(gen, args.truth, path).items()})
+        records.append(record)
+        print(record, flush=True)
+    print("recommendation:", recommend(records))
+
+
+if __name__ == "__main__":
+    main()
