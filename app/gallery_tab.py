@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from app.checkpoints import build_gallery_block, checkpoint_choices, runs_with_checkpoints
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
 from app.live_generation import LiveGeneration, progress_html
@@ -96,7 +97,8 @@ def list_loras(index: LoraIndex):
     blank = placeholder(index.folders)
     items = [(str(e["preview"] or blank), e["name"]) for e in entries]
     table = pd.DataFrame([{c: e[c] for c in COLUMNS} for e in entries], columns=COLUMNS)
-    choices = [(e["name"], e["path"]) for e in entries]
+    # a run's checkpoints can be mixed and swept too; they are listed under their run, not among the LoRAs
+    choices = [(e["name"], e["path"]) for e in entries] + checkpoint_choices(index.folders.runs_dir)
     updates = [gr.update(choices=[("(none)", "")] + choices) for _ in range(SLOTS)]
     return (items, table, [e["path"] for e in entries], gr.update(choices=choices), *updates,
             f"{len(entries)} LoRA(s) in {index.folders.lora_dir}")
@@ -297,11 +299,15 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
     build_xy_grid(folders, live, index, base, [prompt, negative, seed, steps, cfg, width, height, sampler], slots,
                   [refresh_btn.click, tab.select, demo.load])
 
+    run_picker = build_gallery_block(folders.runs_dir, folders.lora_dir, selected, sweep_lora)
+
     # ---- wiring ----
     listing = shown_as_gr_error(functools.partial(list_loras, index))
     list_outputs = [previews, table, paths, sweep_lora, *[slots[3 * i] for i in range(SLOTS)], count]
     for trigger in (refresh_btn.click, tab.select, demo.load):
         trigger(listing, None, list_outputs, show_progress="hidden")
+        trigger(lambda: gr.update(choices=runs_with_checkpoints(folders.runs_dir)), None, run_picker,
+                show_progress="hidden")
 
     @shown_as_gr_error
     def base_models_now():  # a reloaded page sees checkpoints added since the app started

@@ -11,7 +11,7 @@ import functools
 
 import gradio as gr
 
-from app import datasets, runs
+from app import datasets, evaluation_view, runs
 from app import settings_form as form
 from app.caption_grid import PAGE_SIZE, build_caption_grid, page_label, turn_page
 from app.errors import UserError, shown_as_gr_error
@@ -264,6 +264,7 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs, queue: RunQue
             s = _settings_section(folders)
         with gr.Column(scale=2, elem_id="train-panel"):
             p = build_train_panel()
+    evaluation_view.build(folders, jobs)  # base | latest, checkpoint measures, the recommended checkpoint
     on_screen, shown, timer = gr.State(""), gr.State({}), gr.Timer(2.0)
     _wire_dataset(folders, d, s)
     _wire_runs(folders, jobs, queue, d, s, p, on_screen, shown, timer)
