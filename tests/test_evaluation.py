@@ -91,15 +91,21 @@ def test_validation_loss_is_deterministic_and_zero_for_a_perfect_model():
     t = fixed_timesteps(1000)
     assert t.tolist() == [62, 187, 312, 437, 562, 687, 812, 937]  # the middle of eight equal bins
 
-    def perfect(noisy, timesteps, i):  # knows the clean latent: recovers the noise exactly
+    def perfect(noisy, timesteps, images):  # knows the clean latents: recovers the noise exactly
         a = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        return (noisy - a.sqrt() * latents[i]) / (1 - a).sqrt()
+        clean = torch.stack([latents[i] for i in images])
+        return (noisy - a.sqrt() * clean) / (1 - a).sqrt()
 
-    assert validation_loss(perfect, latents, scheduler, noise) < 1e-8
-    zero = validation_loss(lambda noisy, timesteps, i: torch.zeros_like(noisy), latents, scheduler, noise)
+    for rows in (8, 16, 100):  # one image a call, two, all at once: the same rows
+        assert validation_loss(perfect, latents, scheduler, noise, rows) < 1e-8
+    zero = lambda noisy, timesteps, images: torch.zeros_like(noisy)  # noqa: E731
     expected = float(torch.cat(noise).pow(2).mean())  # predicting 0 costs the noise's own power
-    assert zero == pytest.approx(expected, rel=1e-5)
-    assert zero == validation_loss(lambda noisy, timesteps, i: torch.zeros_like(noisy), latents, scheduler, noise)
+    assert validation_loss(zero, latents, scheduler, noise) == pytest.approx(expected, rel=1e-5)
+    # a model right on one image only: the loss is the other images' share
+    one = lambda noisy, timesteps, images: torch.where(  # noqa: E731
+        torch.tensor(images).view(-1, 1, 1, 1) == 1, perfect(noisy, timesteps, images), torch.zeros_like(noisy))
+    share = float(torch.cat([noise[0], noise[2]]).pow(2).sum()) / torch.cat(noise).numel()
+    assert validation_loss(one, latents, scheduler, noise, 16) == pytest.approx(share, rel=1e-5)
 
 
 def caption_list(name: str) -> list[str]:
@@ -118,12 +124,14 @@ def test_prompts_from_the_demo_captions():
     assert without("a zebrastyles circle", ["zebrastyle"]) == "a zebrastyles circle"  # whole words only
     assert variation("a red zorbo on a white background") == "a blue zorbo on a white background"
     assert variation("a castle at dusk") is None
+    # a variation the training captions hold is not held out: the next colour
+    assert variation("a red circle", ["a blue circle"]) == "a green circle"
     sample = default_sample_prompts(style)
     assert sample == [style[0], "a blue circle on a white background, zebrastyle"]
     assert sample[1] not in style  # held out
     loaded = []
     prompts = evaluation_prompts(sample, [], style, lambda i: loaded.append(i) or Image.new("RGB", (8, 8)),
-                                 ["zebrastyle"])
+                                 ["zebrastyle"], count=3)
     assert prompts.leak == ["a red circle on a white background", "a blue circle on a white background"]
     assert len(prompts.likeness) == 3 and prompts.likeness[0] == style[0] and len(set(prompts.likeness)) == 3
     assert [style[i] for i in loaded] == prompts.likeness  # only the likeness pairs' pictures are loaded

@@ -39,6 +39,11 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def checkpoint_lora(run_dir: Path, name: str, step: int) -> Path:
+    """A checkpoint's loadable LoRA (kohya format, full metadata): kept when checkpoint folders are pruned."""
+    return run_dir / "loras" / f"{name}-step{step:06d}.safetensors"
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((Path(run_dir) / "checkpoints").glob("step_*[0-9]"))
     done = [p for p in found if (p / "state.pt").exists()]

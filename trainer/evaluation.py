@@ -23,7 +23,7 @@ from PIL import Image
 from . import eval_metrics as em
 from .data.captions import coined_words, count_tags
 
-LIKENESS_IMAGES = 3  # training captions drawn at each checkpoint to compare with their own images
+LIKENESS_IMAGES = 2  # training captions drawn at each checkpoint to compare with their own images
 # Colour words and what a held-out variation puts in their place (a colour far from it on the wheel).
 COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "purple", "purple": "green", "yellow": "blue",
                "orange": "blue", "pink": "green", "white": "black", "black": "white", "brown": "blue",
@@ -51,19 +51,24 @@ def without(prompt: str, words: list[str]) -> str:
     return re.sub(r"\s{2,}", " ", prompt).strip(" ,")
 
 
-def variation(caption: str) -> str | None:
-    """The caption with its first colour word changed; None when it names no colour."""
+def variation(caption: str, avoid: list[str] = ()) -> str | None:
+    """The caption with its first colour word changed (to the far colour of COLOUR_SWAP, else the next colour
+    that gives a caption not in `avoid`, the training captions); None when it names no colour."""
     match = re.search(rf"(?i)\b({'|'.join(COLOUR_SWAP)})\b", caption)
     if not match:
         return None
-    word = match.group(1)
-    return caption[:match.start()] + COLOUR_SWAP[word.lower()] + caption[match.end():]
+    word = match.group(1).lower()
+    for colour in [COLOUR_SWAP[word]] + [c for c in COLOUR_SWAP if c != word]:
+        changed = caption[:match.start()] + colour + caption[match.end():]
+        if changed not in avoid:
+            return changed
+    return None
 
 
 def default_sample_prompts(captions: list[str]) -> list[str]:
-    first = captions[0]
-    other = variation(first)
-    return [first] + ([other] if other and other not in captions else [])
+    """The first caption and its held-out variation."""
+    other = variation(captions[0], captions)
+    return [captions[0]] + ([other] if other else [])
 
 
 @dataclass

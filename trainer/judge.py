@@ -101,25 +101,30 @@ class Judge:
         batch = {k: torch.cat([e[k] for e in embeds]).to(self.device, base.unet.dtype) for k in embeds[0]}
         size = (cfg.sample.width or cfg.data.resolution, cfg.sample.height or cfg.data.resolution)
         with self.accelerator.autocast():
-            latents = pipe(**batch, num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.cfg,
+            latents = pipe(**batch, num_inference_steps=cfg.evaluation.steps, guidance_scale=cfg.sample.cfg,
                            width=size[0], height=size[1], output_type="latent",
                            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
         return [decode_latents(pipe, latents[i:i + 1]) for i in range(len(prompts))]
 
     @torch.no_grad()
-    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
-        base, k = self.base, noisy.shape[0]
-        emb, pooled = self.val_text[index] if self.frozen_text else self._text(self.val_captions[index])
+    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, images: list[int]) -> torch.Tensor:
+        base, n = self.base, noisy.shape[0]
+        texts = [self.val_text[i] if self.frozen_text else None for i in images]
+        if not self.frozen_text:  # the text encoders train: encode each caption with them as they are now
+            live = {i: self._text(self.val_captions[i]) for i in dict.fromkeys(images)}
+            texts = [live[i] for i in images]
         dtype = base.unet.dtype
+        emb = torch.cat([t[0] for t in texts]).to(self.device, dtype)
         added = None
         if base.family.is_sdxl:
             scale = 2 ** (len(base.vae.config.block_out_channels) - 1)  # latent → pixel size
             h, w = noisy.shape[-2] * scale, noisy.shape[-1] * scale
-            time_ids = sdxl_time_ids([(w, h)] * k, [(0, 0)] * k, [(w, h)] * k)
-            added = {"text_embeds": pooled.expand(k, -1).to(self.device, dtype), "time_ids": time_ids.to(self.device, dtype)}
+            time_ids = sdxl_time_ids([(w, h)] * n, [(0, 0)] * n, [(w, h)] * n)
+            added = {"text_embeds": torch.cat([t[1] for t in texts]).to(self.device, dtype),
+                     "time_ids": time_ids.to(self.device, dtype)}
         with self.accelerator.autocast():
-            return base.unet(noisy.to(self.device, dtype), timesteps.to(self.device),
-                             emb.expand(k, -1, -1).to(self.device, dtype), added_cond_kwargs=added).sample
+            return base.unet(noisy.to(self.device, dtype), timesteps.to(self.device), emb,
+                             added_cond_kwargs=added).sample
 
     def start(self, parts: dict, step: int, resumed: bool, events_dir: Path) -> list[Image.Image]:
         """The base model's pictures (adapters off: also right after a resume); earlier evaluations of a resumed
@@ -132,8 +137,9 @@ class Judge:
         self.seconds += time.time() - began
         return pictures
 
-    def checkpoint(self, parts: dict, step: int, lora_path: Path, events, train_seconds: float) -> dict:
-        """Measure the model as it is now; write `evaluation` and `recommendation`."""
+    def checkpoint(self, parts: dict, step: int, lora_path: Path, events, elapsed: float) -> dict:
+        """Measure the model as it is now; write `evaluation` and `recommendation`. elapsed: the run's seconds
+        so far (its share_of_training is evaluation time over the rest)."""
         began = time.time()
         with _eval_mode(parts):
             measured = self.evaluator.measure(self.render)
@@ -141,7 +147,7 @@ class Judge:
         self.seconds += time.time() - began
         record = events.emit("evaluation", step=step, lora=str(lora_path), validation_loss=round(loss, 6),
                              validation_on=self.validation_on, **measured, seconds=round(time.time() - began, 2),
-                             share_of_training=round(self.seconds / max(train_seconds, 1e-9), 4))
+                             share_of_training=round(self.seconds / max(elapsed - self.seconds, 1e-9), 4))
         self.history = [e for e in self.history if e["step"] != step] + [record]
         pick = recommend(self.history)
         if pick is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 TIMESTEPS = 8  # per image; 8 bins of 125 steps cover SD's 1000-step schedule from nearly clean to pure noise
+ROWS = 32  # noisy latents per model call: few calls (the cost is per call for small models), bounded memory
 SEED = 20240  # the noise's seed: any fixed number, kept apart from the training seeds
 
 
@@ -29,23 +30,33 @@ def fixed_noise(latents: list[torch.Tensor], count: int = TIMESTEPS, seed: int =
 
 
 @torch.no_grad()
-def validation_loss(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], latents: list[torch.Tensor],
-                    noise_scheduler, noise: list[torch.Tensor] | None = None) -> float:
+def validation_loss(predict: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor],
+                    latents: list[torch.Tensor], noise_scheduler, noise: list[torch.Tensor] | None = None,
+                    rows: int = ROWS) -> float:
     """Mean MSE over every image at every fixed timestep.
 
-    predict(noisy [k, C, h, w], timesteps [k], image index) → the model's output for image `index`'s conditioning;
-    latents: one [C, h, w] per image, in the UNet's latent space; noise: fixed_noise(latents), made once and kept
-    so that each call sees the same inputs."""
+    predict(noisy [n, C, h, w], timesteps [n], image indices [n]) → the model's output, row i conditioned on
+    image indices[i]'s caption; images of one size go together, up to `rows` rows a call. latents: one
+    [C, h, w] per image, in the UNet's latent space; noise: fixed_noise(latents), made once and kept so that
+    each call sees the same inputs."""
     noise = noise if noise is not None else fixed_noise(latents)
     count = noise[0].shape[0] if noise else TIMESTEPS
     timesteps = fixed_timesteps(noise_scheduler.config.num_train_timesteps, count)
     v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+    by_shape: dict[tuple, list[int]] = {}
+    for i, latent in enumerate(latents):
+        by_shape.setdefault(tuple(latent.shape), []).append(i)
+    per_call = max(1, rows // count)  # images per call
     total, n = 0.0, 0
-    for i, (latent, eps) in enumerate(zip(latents, noise)):
-        clean = latent.float()[None].expand(count, *latent.shape)
-        noisy = noise_scheduler.add_noise(clean, eps, timesteps)
-        target = noise_scheduler.get_velocity(clean, eps, timesteps) if v_pred else eps
-        pred = predict(noisy, timesteps, i).float().cpu()
-        total += float(F.mse_loss(pred, target, reduction="sum"))
-        n += target.numel()
+    for group in by_shape.values():
+        for start in range(0, len(group), per_call):
+            chunk = group[start:start + per_call]
+            clean = torch.cat([latents[i].float()[None].expand(count, *latents[i].shape) for i in chunk])
+            eps = torch.cat([noise[i] for i in chunk])
+            t = timesteps.repeat(len(chunk))
+            noisy = noise_scheduler.add_noise(clean, eps, t)
+            target = noise_scheduler.get_velocity(clean, eps, t) if v_pred else eps
+            pred = predict(noisy, t, [i for i in chunk for _ in range(count)]).float().cpu()
+            total += float(F.mse_loss(pred, target, reduction="sum"))
+            n += target.numel()
     return total / max(n, 1)
