@@ -12,15 +12,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
 
 from .conditioning import encode_text, sdxl_time_ids
 from .data import Dataset, Draw, load_dataset
-from .evaluation import Evaluator, evaluation_prompts, trigger_words
+from .evaluation import Evaluator, default_sample_prompts, evaluation_prompts, trigger_words  # noqa: F401 (loop)
 from .events import read_events
-from .generate import decode_latents, encode_prompt, make_pipeline, to_unet_latents
+from .caches import encode_latents
+from .generate import decode_latents, encode_prompt, make_pipeline
 from .recommend import recommend
 from .validation import fixed_noise, validation_loss
 
@@ -35,9 +37,31 @@ def split_validation(ds, share: float) -> list:
     return held
 
 
+def make_judge(cfg, ds, base, held_out: list, sample_prompts: list[str], accelerator, started: float):
+    """The run's Judge on the main process when evaluation.at_checkpoints is "auto", else None."""
+    if not accelerator.is_main_process or cfg.evaluation.at_checkpoints != "auto":
+        return None
+    return Judge(cfg, ds, base, held_out, sample_prompts, accelerator, started)
+
+
+def begin(run, sample: Callable[[], list]) -> None:
+    """Before the first step: the base model's samples at step 0 (a fresh LoRA changes nothing), and the judge's
+    base pictures (adapters off, so also right after a resume)."""
+    if run.main and run.cfg.sample.every_n_steps and run.pos.step == 0:
+        sample()
+    if run.judge is not None:
+        run.judge.start(run.parts, run.pos.step, run.resumed_from is not None, run.cfg.run_path())
+
+
+def measure(run, lora_file: Path, events) -> None:
+    """A checkpoint's `evaluation` and `recommendation` events, when the run has a judge."""
+    if run.judge is not None:
+        run.judge.checkpoint(run.parts, run.pos.step, lora_file, events)
+
+
 class Judge:
-    def __init__(self, cfg, ds, base, held_out: list, sample_prompts: list[str], accelerator):
-        self.cfg, self.base, self.accelerator = cfg, base, accelerator
+    def __init__(self, cfg, ds, base, held_out: list, sample_prompts: list[str], accelerator, started: float):
+        self.cfg, self.base, self.accelerator, self.started = cfg, base, accelerator, started
         self.device = accelerator.device
         captions = [r.caption for r in ds.images]
         prompts = evaluation_prompts(sample_prompts, cfg.evaluation.leak_prompts, captions,
@@ -71,9 +95,7 @@ class Judge:
     @torch.no_grad()
     def _encode_latent(self, source, index: int) -> torch.Tensor:
         pixels, _ = source.load_pixels(Draw(image=index, flip=False, caption="", crop_seed=0))
-        vae = self.base.vae
-        latent = vae.encode(pixels[None].to(self.device, vae.dtype)).latent_dist.mode()
-        return to_unet_latents(vae, latent)[0].float().cpu()
+        return encode_latents(self.base.vae, pixels[None].to(self.device))[0].float().cpu()
 
     @torch.no_grad()
     def _embed(self, prompt: str) -> dict:
@@ -137,9 +159,9 @@ class Judge:
         self.seconds += time.time() - began
         return pictures
 
-    def checkpoint(self, parts: dict, step: int, lora_path: Path, events, elapsed: float) -> dict:
-        """Measure the model as it is now; write `evaluation` and `recommendation`. elapsed: the run's seconds
-        so far (its share_of_training is evaluation time over the rest)."""
+    def checkpoint(self, parts: dict, step: int, lora_path: Path, events) -> dict:
+        """Measure the model as it is now; write `evaluation` and `recommendation` (share_of_training: the
+        evaluation's seconds so far over the rest of the run's)."""
         began = time.time()
         with _eval_mode(parts):
             measured = self.evaluator.measure(self.render)
@@ -147,7 +169,7 @@ class Judge:
         self.seconds += time.time() - began
         record = events.emit("evaluation", step=step, lora=str(lora_path), validation_loss=round(loss, 6),
                              validation_on=self.validation_on, **measured, seconds=round(time.time() - began, 2),
-                             share_of_training=round(self.seconds / max(elapsed - self.seconds, 1e-9), 4))
+                             share_of_training=round(self.seconds / max(time.time() - self.started - self.seconds, 1e-9), 4))
         self.history = [e for e in self.history if e["step"] != step] + [record]
         pick = recommend(self.history)
         if pick is not None:

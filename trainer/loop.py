@@ -23,12 +23,13 @@ from tqdm import tqdm
 from . import preflight
 from .atomic import atomic_path
 from .caches import all_latents, encode_latents, text_outputs
-from .checkpoint import Position, capture, find_resume_checkpoint, latest_checkpoint, restore, save_checkpoint
+from .checkpoint import Position, checkpoint_lora, capture, find_resume_checkpoint, latest_checkpoint, restore, save_checkpoint
 from .conditioning import encode_text, sdxl_time_ids
 from .config import TrainConfig, save_config
 from .cpu_attention import use_cpu_training_attention
 from .data import Dataset, load_dataset
 from .events import EventLog, Pace
+from .judge import Judge, begin, default_sample_prompts, make_judge, measure, split_validation
 from .lean import lean_forwards
 from .export_run import export_lora, part_names, thumbnail
 from .memory import keep_freed_memory, return_big_blocks_to_the_os, trim_heap
@@ -68,6 +69,7 @@ class Run:
     optimizer_name: str = ""  # the class, e.g. AdamW8bit (accelerate wraps the optimizer)
     pos: Position = field(default_factory=Position)
     resumed_from: Path | None = None
+    judge: Judge | None = None  # measures each checkpoint (main process, evaluation.at_checkpoints = auto)
     unet_fwd: torch.nn.Module | None = None  # the modules as accelerate wrapped them (DDP) for the forward pass
     encoders_fwd: list = field(default_factory=list)
     trained_fwd: list = field(default_factory=list)
@@ -123,6 +125,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
                 resumed_from=str(run.resumed_from) if run.resumed_from else None,
                 resumed_step=run.pos.step if run.resumed_from else None, precision=precision,
                 processes=accelerator.num_processes, latent_cache=bool(run.latents), text_cache=bool(run.text_cache))
+    begin(run, lambda: _sample(run, stop, events))  # the base model's pictures: samples at step 0, the judge's
     if not _steps(run, stop, events):
         return None
     return _finish(run, stop, events)
@@ -148,6 +151,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
 
     # Data: every image decoded and checked up front.
     ds = load_dataset(cfg.data, tr.seed)
+    held_out = split_validation(ds, cfg.data.validation_split)  # every process trains on the same images
     events.emit("dataset", lines=ds.report.lines(), images=len(ds.images), skipped=len(ds.report.skipped))
     check(stop)  # a stop during loading takes effect here, before the network and the caches
     global_batch = tr.batch_size * accelerator.num_processes
@@ -155,6 +159,8 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     total_steps = tr.epochs * steps_per_epoch if tr.epochs > 0 else tr.steps
 
     parts = _add_network(cfg, base, device)
+    sample_prompts = cfg.sample.prompts or default_sample_prompts([r.caption for r in ds.images])
+    judge = make_judge(cfg, ds, base, held_out, sample_prompts, accelerator, started)  # before the caches
     if accelerator.is_main_process:
         n_params = sum(p.numel() for m in parts.values() for p in lora_parameters(m))
         preflight.check_space(run_dir, cfg.output_path().parent, n_params, cfg)
@@ -167,7 +173,6 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     if not cfg.network.train_text_encoder and ds.captions_fixed and tr.cache_text_encoder_outputs == "auto":
         text_cache = text_outputs([r.caption for r in ds.images], base.text_encoders, base.tokenizers,
                                   cfg.model.clip_skip, accelerator, stop)
-    sample_prompts = cfg.sample.prompts or [ds.images[0].caption]
     sample_embeds = []
     if text_cache:
         # Nothing needs the frozen encoders again once the sample prompts are encoded too: free them (CLIP-L is
@@ -187,7 +192,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
               total_steps, parts, latents, text_cache, sample_prompts, sample_embeds, optimizer,
               make_scheduler(opt, optimizer, total_steps), torch.Generator().manual_seed(tr.seed), started)
 
-    run.optimizer_name = type(optimizer).__name__
+    run.optimizer_name, run.judge = type(optimizer).__name__, judge
 
     # Resume: weights, optimiser, schedule, RNG and the position in the data stream.
     torch.manual_seed(tr.seed + accelerator.process_index)  # LoRA dropout: per process, like separate GPUs
@@ -400,9 +405,10 @@ def _checkpoint(run: Run, events: EventLog) -> Path | None:
         lora, state = captured
         check_weights(lora, run.cfg, run.pos.step)
         path = save_checkpoint(run.cfg.run_path(), run.pos.step, lora, state)
-        export_lora(run.cfg, lora, path / f"{run.cfg.output.name}-step{run.pos.step}.safetensors", _info(run),
-                    run.base.family.is_sdxl)
-        events.emit("checkpoint", step=run.pos.step, path=str(path))
+        lora_file = export_lora(run.cfg, lora, checkpoint_lora(run.cfg.run_path(), run.cfg.output.name, run.pos.step),
+                                _info(run), run.base.family.is_sdxl)  # a loadable file, kept when folders are pruned
+        events.emit("checkpoint", step=run.pos.step, path=str(path), lora=str(lora_file))
+        measure(run, lora_file, events)  # `evaluation` and `recommendation`, with evaluation on
     run.accelerator.wait_for_everyone()
     return path
 
