@@ -54,9 +54,6 @@ def main(argv=None) -> None:
     size = cfg.sample.width or cfg.data.resolution
 
     def render_with(lora: Path | None):
-        if gen._adapters:  # one checkpoint at a time: a pipeline holding many adapters is slower and needs none
-            gen.pipe.unload_lora_weights()
-            gen._adapters = {}
         specs = [LoraSpec(str(lora), 1.0)] if lora else []
         return lambda ps, seeds: [gen.generate(p, specs, seed=s, steps=cfg.sample.steps, cfg=cfg.sample.cfg,
                                                width=size, height=size) for p, s in zip(ps, seeds)]
@@ -71,7 +68,6 @@ def main(argv=None) -> None:
         record = {"step": step, **ev.measure(render_with(path))}
         if args.truth:
             from trainer.demo.evaluate import true_quality
-            render_with(None)  # unloads: true_quality loads the file itself
             record.update({f"true_{k}": round(v, 3) for k, v in true_quality(gen, args.truth, path).items()})
         records.append(record)
         print(record, flush=True)

@@ -153,3 +153,6 @@ def test_recommendation_rule():
     pick = recommend(leaky)
     assert pick["step"] == 200 and "none leaks less" in pick["reason"]
     assert recommend([ev(100, None, 0.0)]) is None and recommend([]) is None
+    # no trigger word, no leak prompts: likeness alone decides
+    unmeasured = recommend([ev(100, 0.5, None), ev(200, 0.95, None), ev(300, 1.0, None)])
+    assert unmeasured["step"] == 200 and "no leak was measured" in unmeasured["reason"]

@@ -25,17 +25,19 @@ def recommend(evaluations: list[dict], margin: float = MARGIN, leak_share: float
     best = max(rated, key=lambda e: e["likeness"])
     floor = best["likeness"] - margin * abs(best["likeness"])
     near = [e for e in rated if e["likeness"] >= floor]
-    low_leak = [e for e in near if e["leak"] <= leak_share * e["strength"]]
+    # no leak measured (no trigger word to leave out of the prompts): nothing to hold against a checkpoint
+    low_leak = [e for e in near if e.get("leak") is None or e["leak"] <= leak_share * (e.get("strength") or 0)]
     near_text = (f"likeness {{l:.2f}} is within {margin:.0%} of the best, {best['likeness']:.2f} at step "
                  f"{best['step']}")
     if low_leak:
         pick = low_leak[0]
-        why = (f"the earliest checkpoint whose {near_text.format(l=pick['likeness'])} and whose leak "
-               f"({pick['leak']:.3f}) is at most {leak_share:.0%} of its strength ({pick['strength']:.3f})")
+        leak = ("no leak was measured (no trigger word to leave out)" if pick.get("leak") is None else
+                f"its leak ({pick['leak']:.3f}) is at most {leak_share:.0%} of its strength ({pick['strength']:.3f})")
+        why = f"the earliest checkpoint whose {near_text.format(l=pick['likeness'])}; {leak}"
     else:
         pick = min(near, key=lambda e: e["leak"] / max(e["strength"], 1e-9))
         why = (f"of the checkpoints whose likeness is within {margin:.0%} of the best ({best['likeness']:.2f} at step "
                f"{best['step']}), the one leaking least for its strength: leak {pick['leak']:.3f}, strength "
                f"{pick['strength']:.3f} (none leaks less than {leak_share:.0%} of its strength)")
-    return {"step": pick["step"], "reason": why, "likeness": pick["likeness"], "leak": pick["leak"],
-            "strength": pick["strength"]}
+    return {"step": pick["step"], "reason": why, "likeness": pick["likeness"], "leak": pick.get("leak"),
+            "strength": pick.get("strength")}

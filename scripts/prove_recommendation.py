@@ -1,0 +1,84 @@
+"""The recommendation rule against the truth: a demo LoRA trained too long and too hot, every checkpoint's
+measures (written during training) beside its true quality (known in the demo world).
+
+    .venv/bin/python scripts/prove_recommendation.py demo-style|demo-character [--out DIR] [--steps 2000]
+        [--lr 6e-3] [--every 200] [--json FILE]
+
+Trains with the demo preset at --steps (4× the preset's 500) and --lr (2× its 3e-3), a checkpoint every --every
+steps, each measured by the trainer (trainer/judge.py); then the true quality of every checkpoint LoRA
+(trainer/demo/evaluate.true_quality: learnt × colour kept × shape kept, on held-out prompts) and three checks:
+the recommended checkpoint's quality is within 10% of the best checkpoint's; the last checkpoint is worse than the
+recommended one; the checkpoint with the lowest validation loss is no better than the recommended one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from trainer.demo.evaluate import demo_config, true_quality  # noqa: E402
+from trainer.events import read_events  # noqa: E402
+from trainer.generate import Generator  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.models import DEMO_MODEL_DIR  # noqa: E402
+
+
+def prove(dataset: str, out: Path, steps: int, lr: float, every: int) -> dict:
+    cfg = demo_config(dataset, out, {"training": {"steps": steps}, "optimizer": {"learning_rate": lr},
+                                     "output": {"save_every_n_steps": every}, "sample": {"every_n_steps": 0}})
+    began = time.time()
+    train(cfg)
+    seconds = time.time() - began
+    events = read_events(cfg.run_path())
+    evaluations = {e["step"]: e for e in events if e["event"] == "evaluation"}
+    pick = [e for e in events if e["event"] == "recommendation"][-1]
+    gen = Generator()
+    gen.load(DEMO_MODEL_DIR)
+    rows = []
+    for step, e in sorted(evaluations.items()):
+        truth = true_quality(gen, dataset, Path(e["lora"]))
+        rows.append({"step": step, **{k: e.get(k) for k in ("likeness", "strength", "leak", "validation_loss")},
+                     **{f"true_{k}": round(v, 4) for k, v in truth.items()}})
+        print(rows[-1], flush=True)
+    quality = {r["step"]: r["true_quality"] for r in rows}
+    best = max(quality.values())
+    lowest_loss = min(rows, key=lambda r: r["validation_loss"])["step"]
+    last = rows[-1]["step"]
+    result = {"dataset": dataset, "steps": steps, "learning_rate": lr, "every": every, "rows": rows,
+              "recommended": pick["step"], "reason": pick["reason"], "best_quality": best,
+              "recommended_quality": quality[pick["step"]], "last_quality": quality[last],
+              "lowest_validation_loss_step": lowest_loss, "lowest_loss_quality": quality[lowest_loss],
+              "evaluation_seconds": round(sum(e["seconds"] for e in evaluations.values()), 1),
+              "run_seconds": round(seconds, 1)}
+    result["checks"] = {"recommended within 10% of the best": quality[pick["step"]] >= 0.9 * best,
+                        "last worse than recommended": quality[last] < quality[pick["step"]],
+                        "lowest validation loss no better": quality[lowest_loss] <= quality[pick["step"]]}
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", choices=["demo-style", "demo-character"])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "prove-recommendation"))
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=6e-3)
+    ap.add_argument("--every", type=int, default=200)
+    ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = prove(args.dataset, Path(args.out), args.steps, args.lr, args.every)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
