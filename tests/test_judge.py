@@ -15,7 +15,7 @@ from trainer.config import build_config
 from trainer.evaluation import Evaluator
 from trainer.events import read_events
 from trainer.generate import Generator, LoraSpec
-from trainer.lora_file import inspect_lora
+from trainer.lora_file import inspect_lora, read_lora
 
 COLOURS = ["red", "blue", "purple", "yellow"]  # "a red circle" varied: blue is a caption, green is held out
 
@@ -116,8 +116,12 @@ def test_sdxl_and_a_trained_text_encoder_are_judged(workspace):
     assert evaluations[0]["validation_loss"] != evaluations[1]["validation_loss"]
 
 
-def test_evaluation_off_writes_no_evaluation(workspace):
+def test_evaluation_changes_nothing_in_training(workspace):
+    """Off: no evaluation events; on or off, the same LoRA (the judge draws from its own generators)."""
     cfg = config(workspace, "unjudged", evaluation={"at_checkpoints": "off"})
-    loop.train(cfg)
+    unjudged = loop.train(cfg)
     kinds = {e["event"] for e in read_events(cfg.run_path())}
     assert "evaluation" not in kinds and "recommendation" not in kinds and "checkpoint" in kinds
+    judged = loop.train(config(workspace, "judged-too"))
+    a, b = read_lora(unjudged)[0], read_lora(judged)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -187,7 +187,7 @@ def test_text_cache_frees_the_encoders_and_changes_nothing(workspace, family, mo
         assert start["text_cache"] == (cache == "auto")
         assert len(freed) == ({"sd1": 1, "sdxl": 2}[family] if cache == "auto" else 0), freed
         samples = sorted((cfg.run_path() / "samples").glob("*.png"))
-        assert len(samples) == 4  # step 1 (every_n_steps) and the final ones, two prompts each
+        assert len(samples) == 6  # the base (step 0), step 1 (every_n_steps) and the final ones, two prompts each
         runs[cache] = (weights(out), [torch.tensor(list(Image.open(p).getdata()), dtype=torch.int16)
                                       for p in samples])
     (lora_a, pics_a), (lora_b, pics_b) = runs["auto"], runs["off"]
