@@ -99,9 +99,11 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def _sample_of(checkpoint: Path) -> Path | None:
-    """The run's first sample picture at the checkpoint's step, if one was drawn."""
+    """The run's first sample picture at the checkpoint's step, else the evaluation's, if one was drawn."""
     step = int(STEP.search(checkpoint.stem).group(1))
-    found = sorted((checkpoint.parent.parent / "samples").glob(f"step_{step:06d}_*.png"))
+    run = checkpoint.parent.parent
+    found = sorted((run / "samples").glob(f"step_{step:06d}_*.png")) or sorted(
+        (run / "evaluation").glob(f"step_{step:06d}_*.png"))
     return found[0] if found else None
 
 

@@ -61,6 +61,14 @@ def test_keep_copies_the_checkpoint_and_its_sample_and_leaves_the_final_lora(tmp
     preview = lora_dir / "my-style-step000050.preview.png"
     assert preview.read_bytes() == (run / "samples" / "step_000050_0.png").read_bytes()
     assert not list(lora_dir.glob(".*.tmp"))
+    # a checkpoint without a sample at its step: the picture its evaluation drew is the preview
+    for sample in (run / "samples").glob("step_000100_*.png"):
+        sample.unlink()
+    (run / "evaluation").mkdir()
+    Image.new("RGB", (8, 8), "red").save(run / "evaluation" / "step_000100_0.png")
+    ck.keep(run / "loras" / "my-style-step000100.safetensors", lora_dir)
+    assert (lora_dir / "my-style-step000100.preview.png").read_bytes() == \
+        (run / "evaluation" / "step_000100_0.png").read_bytes()
     with pytest.raises(UserError, match="already in the LoRA folder"):
         ck.keep(source, lora_dir)
     with pytest.raises(UserError, match="not a checkpoint"):
@@ -98,3 +106,19 @@ def test_the_app_builds_with_both_blocks(tmp_path):
     demo = build_app(Folders.create(tmp_path / "models", tmp_path / "outputs"))
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"base-latest", "evaluation-plot", "keep-recommended", "checkpoint-table", "keep-checkpoint"} <= ids
+
+
+def test_the_train_tab_poll_sends_only_when_the_run_grows(tmp_path):
+    run = write_run(tmp_path)
+
+    class OneRun:  # app.jobs.Jobs as the block uses it: the run to show
+        def current(self):
+            return run
+
+    pairs, frame, text, stamp = ev.refresh(OneRun(), ())
+    assert len(pairs) == 6 and frame is not None and 'data-step="50"' in text
+    again = ev.refresh(OneRun(), stamp)
+    assert again[3] == stamp and all(isinstance(x, dict) and x.get("__type__") == "update" for x in again[:3])
+    with open(run / "events.jsonl", "a") as f:
+        f.write(json.dumps({"event": "recommendation", "step": 100, "lora": "x", "reason": "later"}) + "\n")
+    assert 'data-step="100"' in ev.refresh(OneRun(), stamp)[2]

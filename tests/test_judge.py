@@ -66,6 +66,7 @@ def test_a_run_writes_base_samples_checkpoint_loras_evaluations_and_a_recommenda
         assert inspect_lora(e["lora"])["metadata"]["ss_steps"] == str(e["step"])
         assert e["validation_on"] == "held-out images" and e["validation_loss"] > 0
         assert e["strength"] > 0 and e["leak"] is not None and e["likeness"] is not None
+        assert [Image.open(p).size for p in e["pictures"]] == [(64, 64)] * 2  # what it measured, to look at
     recommendations = [e for e in events if e["event"] == "recommendation"]
     assert len(recommendations) == 2 and recommendations[-1]["step"] in (2, 4) and recommendations[-1]["reason"]
     # a quarter of the images held out: the dataset trained on three

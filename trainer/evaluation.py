@@ -97,6 +97,7 @@ class Evaluator:
         self.training = em.pictures_stats(encoder, prompts.likeness_images) if prompts.likeness_images else None
         self.base: dict[str, list] | None = None
         self.base_pictures: list[Image.Image] = []
+        self.last_pictures: list[Image.Image] = []
 
     def all_prompts(self) -> tuple[list[str], list[int]]:
         """Every prompt drawn at a checkpoint, each once, with its seed (seed + its place in the list)."""
@@ -121,7 +122,8 @@ class Evaluator:
     def measure(self, render: Render) -> dict:
         """strength, leak, likeness of the model `render` draws with (see eval_metrics)."""
         assert self.base is not None, "set_base first"
-        _, feats = self._draw(render)
+        pictures, feats = self._draw(render)
+        self.last_pictures = [pictures[p] for p in self.prompts.sample]  # the sample prompts', for the UI
         out: dict = {}
         for name in ("sample", "leak"):
             if name in feats:

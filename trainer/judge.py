@@ -21,6 +21,7 @@ from .conditioning import encode_text, sdxl_time_ids
 from .data import Dataset, Draw, load_dataset
 from .evaluation import Evaluator, default_sample_prompts, evaluation_prompts, trigger_words  # noqa: F401 (loop)
 from .events import read_events
+from .atomic import atomic_path
 from .caches import encode_latents
 from .generate import decode_latents, encode_prompt, make_pipeline
 from .recommend import recommend
@@ -167,7 +168,14 @@ class Judge:
             measured = self.evaluator.measure(self.render)
             loss = validation_loss(self._predict, self.val_latents, self.base.noise_scheduler, self.val_noise)
         self.seconds += time.time() - began
-        record = events.emit("evaluation", step=step, lora=str(lora_path), validation_loss=round(loss, 6),
+        pictures = []
+        for i, picture in enumerate(self.evaluator.last_pictures):  # what was measured, beside the LoRA file
+            path = lora_path.parent.parent / "evaluation" / f"step_{step:06d}_{i}.png"
+            with atomic_path(path) as tmp:
+                picture.save(tmp, format="PNG")
+            pictures.append(str(path))
+        record = events.emit("evaluation", step=step, lora=str(lora_path), pictures=pictures,
+                             validation_loss=round(loss, 6),
                              validation_on=self.validation_on, **measured, seconds=round(time.time() - began, 2),
                              share_of_training=round(self.seconds / max(time.time() - self.started - self.seconds, 1e-9), 4))
         self.history = [e for e in self.history if e["step"] != step] + [record]
