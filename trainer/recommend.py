@@ -8,7 +8,8 @@ shapes) while likeness no longer rises. When no checkpoint near the best likenes
 with the lowest leak relative to its strength.
 
 The validation loss is shown beside these but plays no part: a diffusion model's loss barely moves while what it
-draws changes a lot, and picking by lowest validation loss did no better on the demo world (tests/test_recommend).
+draws changes a lot. scripts/prove_recommendation.py checks the rule (and lowest validation loss) against the demo
+world's true quality.
 """
 from __future__ import annotations
 
