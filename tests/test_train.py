@@ -77,7 +77,7 @@ def test_same_seed_same_weights_and_training_changes_them(workspace):
     ups = [t for k, t in weights(a).items() if k.endswith("lora_up.weight")]
     assert all(t.abs().sum() > 0 for t in ups)  # up starts at zero: every module was trained
     events = read_events(workspace / "runs" / "det-a")
-    kinds = [e["event"] for e in events]
+    kinds = [e["event"] for e in events if e["event"] not in ("evaluation", "recommendation")]  # test_judge's
     assert kinds[:2] == ["dataset", "start"] and kinds[-4:] == ["checkpoint", "saved", "sample", "done"]
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
