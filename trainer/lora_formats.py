@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .lora_algorithms import REQUIRED, Entry, default_scale
 from .families import detect_lora_family
+from . import lora_file
 from .lora_file import LoraFileError
 from .lora_targets import ModuleDelta, module_deltas  # noqa: F401 - part of this module's API
 
@@ -87,7 +87,7 @@ class LoraFile:
 
 def read_lora(path: str | Path) -> LoraFile:
     path = Path(path)
-    tensors, metadata = _load(path)
+    tensors, metadata = lora_file.read_lora(path)
     _refuse_unsupported(path, tensors)
     keys = list(tensors)
     if any(k.startswith(tuple(KOHYA_PARTS)) for k in keys):
@@ -121,18 +121,6 @@ def read_lora(path: str | Path) -> LoraFile:
                     rank=next(iter(ranks)) if len(ranks) == 1 else None,
                     alpha=alphas.pop() if len(alphas) == 1 else None, entries=entries,
                     dtype=str(first.dtype).replace("torch.", ""), ranks=dict(ranks), n_tensors=len(tensors))
-
-
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise LoraFileError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise LoraFileError(f"{path.name}: only .safetensors LoRA files are read (pickled .pt/.ckpt files can run code)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises several types for a damaged header
-        raise LoraFileError(f"{path.name} is not a readable safetensors file ({e}); re-download or re-export it") from e
 
 
 def _refuse_unsupported(path: Path, tensors: dict) -> None:
