@@ -262,9 +262,11 @@ def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs, queue: RunQue
         with gr.Column(scale=3):
             d = _dataset_section(demo, folders)
             s = _settings_section(folders)
+            # Inside the form's column, so the run panel beside it stays in view while this is read.
+            with gr.Accordion("Checkpoints: base | latest, measures, the recommended one", open=True):
+                evaluation_view.build(folders, jobs)
         with gr.Column(scale=2, elem_id="train-panel"):
             p = build_train_panel()
-    evaluation_view.build(folders, jobs)  # base | latest, checkpoint measures, the recommended checkpoint
     on_screen, shown, timer = gr.State(""), gr.State({}), gr.Timer(2.0)
     _wire_dataset(folders, d, s)
     _wire_runs(folders, jobs, queue, d, s, p, on_screen, shown, timer)

@@ -89,12 +89,13 @@ def _train(page, seen: Observed, shots: Path) -> None:
     # until its first new step the resumed run is "starting", without the old run's speed or time left
     deadline = time.time() + TRAIN_TIMEOUT_S
     while time.time() < deadline:
-        state = status(page).get_attribute("data-status")
+        # one read of state, step and text: the panel re-renders every 2 s, so separate reads could mix two renders
+        state, step, text = status(page).evaluate("el => [el.dataset.status, el.dataset.step, el.innerText]")
         if state == "starting":
-            seen.starting_texts.append(status(page).inner_text())
-        if state == "running" and int(status(page).get_attribute("data-step")) > seen.stopped_at:
+            seen.starting_texts.append(text)
+        if state == "running" and int(step) > seen.stopped_at:
             break
-        assert state in ("stopped", "starting", "running"), status(page).inner_text()
+        assert state in ("stopped", "starting", "running"), text
         page.wait_for_timeout(250)  # sampling what the page shows, not retrying an input
     else:
         raise AssertionError(f"the resumed run made no new step: {status(page).inner_text()}")
