@@ -15,14 +15,16 @@ from trainer.events import read_events
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
-def runs_row(page, name: str) -> str:
-    """The Runs list's line for a run, as the page shows it (once it lists the run)."""
+def runs_row(page, name: str, state: str = "") -> str:
+    """The Runs list's line for a run, as the page shows it once it lists the run (in `state`, when given: the table
+    re-renders row by row when runs are added, so a single read can pair one run's name with another's cells)."""
     found = page.wait_for_function(
-        """([name]) => { const cell = [...document.querySelectorAll('#runs-table td, #runs-table [role=gridcell]')]
+        """([name, state]) => { const cell = [...document.querySelectorAll('#runs-table td, #runs-table [role=gridcell]')]
              .find(e => e.textContent.trim() === name && e.offsetParent !== null);
            const row = cell && cell.closest('tr, [role=row]');
-           return row ? [...row.children].map(c => c.textContent.trim()).join(' | ') : null; }""",
-        arg=[name], timeout=30_000)
+           const text = row ? [...row.children].map(c => c.textContent.trim()).join(' | ') : null;
+           return text && text.includes(state) ? text : null; }""",
+        arg=[name, state], timeout=30_000)
     return found.json_value()
 
 
@@ -61,7 +63,7 @@ def test_start_while_training_queues_and_the_queue_goes_on_without_the_browser(s
             wait_status(page, ("starting", "running"), 60, run=name)
     wait_value(page, "train-action", "Queued 'q-third' \\(number 2 in the queue\\): it starts when 'q-first' ends")
     assert json.loads(queue_file.read_text()) == ["q-second", "q-third"]
-    assert "queued" in runs_row(page, "q-second")
+    assert "queued" in runs_row(page, "q-second", "queued")
     shots.take(page, "queued")
     open_run(page, "q-third")
     page.locator("#queue-up").click()
@@ -84,6 +86,7 @@ def test_start_while_training_queues_and_the_queue_goes_on_without_the_browser(s
     first_end = next(ev["t"] for ev in read_events(runs / "q-first") if ev["event"] == "stopped")
     assert read_events(runs / "q-third")[0]["t"] >= first_end, "one training at a time, in queue order"
     page = open_page(browser, studio.url, shots)
-    assert "finished" in runs_row(page, "q-third") and "not started" in runs_row(page, "q-second")
-    assert "stopped" in runs_row(page, "q-first")
+    assert "finished" in runs_row(page, "q-third", "finished")
+    assert "not started" in runs_row(page, "q-second", "not started")
+    assert "stopped" in runs_row(page, "q-first", "stopped")
     shots.take(page, "queue-done")
