@@ -331,7 +331,9 @@ def _wire_runs(folders: Folders, jobs: Jobs, queue: RunQueue, d: dict, s: dict, 
     poll, poll_outputs = _poll(folders, jobs, queue), [*p.poll_outputs(), shown]
     started_report = gr.State("")  # to the report box only after a successful Start: a refusal stays a toast
     # Each button first clears the line under the buttons: it speaks of the latest action only.
-    p.start.click(lambda: "", None, p.action_msg, show_progress="hidden").then(
+    # trigger_mode "multiple": a second Start while the first is still being handled queues a second run (the
+    # default, "once", silently drops that click).
+    p.start.click(lambda: "", None, p.action_msg, show_progress="hidden", trigger_mode="multiple").then(
         shown_as_gr_error(functools.partial(start, folders, jobs, queue)), _settings_inputs(d, s),
         [started_report, p.action_msg, on_screen], concurrency_limit=1).success(
         lambda text: (text, {}), started_report, [d["report"], shown], show_progress="hidden").then(

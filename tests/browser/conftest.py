@@ -154,6 +154,25 @@ def shots(request, tmp_path, studio_dirs):
             for name in ("train.log", "events.jsonl", "config.toml"):
                 if (run / name).exists():
                     shutil.copy(run / name, target / f"run-{run.name}-{name}")
+    # A page left open keeps polling the app and rendering in its own Chromium process for the rest of the
+    # session: a dozen of them took more than a core from every test after the browser tests.
+    for page in shots.pages:
+        try:
+            page.context.close()
+        except Exception:  # noqa: BLE001 - already closed by the test
+            pass
+
+
+@pytest.fixture(autouse=True)
+def no_training_outlives_its_test(request):
+    """A failed queue test would leave a 2000-step training running, and the queue would start the next: both
+    would slow every later test of the session. Empty the queue first, so killing a training starts nothing."""
+    yield
+    if "studio" not in request.fixturenames:
+        return
+    outputs = request.getfixturevalue("studio").outputs_dir
+    (outputs / "runs" / "queue.json").unlink(missing_ok=True)
+    _stop_trainings(outputs)
 
 
 from trained_run import trained  # noqa: E402,F401 - the session's one trained run, a fixture

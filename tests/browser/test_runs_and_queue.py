@@ -61,6 +61,8 @@ def test_start_while_training_queues_and_the_queue_goes_on_without_the_browser(s
         page.locator("#start").click()
         if name == "q-first":
             wait_status(page, ("starting", "running"), 60, run=name)
+        else:  # what the user reads after each click, before the next name is typed
+            wait_value(page, "train-action", f"Queued '{name}' \\(")
     wait_value(page, "train-action", "Queued 'q-third' \\(number 2 in the queue\\): it starts when 'q-first' ends")
     assert json.loads(queue_file.read_text()) == ["q-second", "q-third"]
     assert "queued" in runs_row(page, "q-second", "queued")
