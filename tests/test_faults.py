@@ -39,6 +39,9 @@ def demo(root: Path, name: str, cache: str = "runs", **sections):
         "data": {"dataset": str(DATASET)},
         "training": {"steps": 4, "batch_size": 1, "seed": 5},
         "sample": {"steps": 2, "every_n_steps": 0},
+        # Measuring checkpoints (#15) takes three quarters of a run this short and changes no weight
+        # (test_judge.py); only the kill -9 run keeps it, so a kill can land inside an evaluation too.
+        "evaluation": {"at_checkpoints": "off"},
         "output": {"name": name, "lora_dir": str(root / "Lora"), "run_dir": str(root / cache / name),
                    "save_every_n_steps": 2, "save_precision": "fp32"},
     }
@@ -105,9 +108,12 @@ def test_kill_9_at_a_random_moment_then_resume_gives_the_same_weights(straight):
     root, plain, _ = straight
     seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000))
     moment = random.Random(seed).uniform(2.0, 3.9)  # in steps: after the first checkpoint, before the end
-    cfg = demo(root, "killed")
+    cfg = demo(root, "killed", evaluation={"at_checkpoints": "auto"})
     proc = cli_train(cfg, root)
-    wait_for(cfg.run_path(), lambda ev: sum(e["event"] == "step" for e in ev) >= int(moment), proc)
+    # After the first checkpoint is complete (killed while writing it, there is no run yet to protect or resume:
+    # a fresh start is right then), then somewhere in a step, an evaluation, a checkpoint or the export.
+    wait_for(cfg.run_path(), lambda ev: any(e["event"] == "checkpoint" for e in ev)
+             and sum(e["event"] == "step" for e in ev) >= int(moment), proc)
     time.sleep((moment % 1) * 0.3)  # somewhere inside the next step (or its checkpoint)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -134,6 +140,27 @@ def test_stop_in_the_middle_of_accumulation_rewinds_to_the_step(straight, monkey
     assert stopped["event"] == "stopped" and stopped["step"] == 1 and Path(stopped["checkpoint"]).is_dir()
     monkeypatch.setattr(loop, "_loss", real_loss)
     same_weights(loop.train(cfg, resume=True), accum)  # the half-done step was rewound, not lost or doubled
+
+
+def test_a_stop_is_prompt_its_checkpoint_written_once_and_not_measured(straight, monkeypatch):
+    """Stop at step 2, where a checkpoint is scheduled (and measured): that one is the stop's, not a second copy.
+    Stop at step 3 after a resume: a checkpoint is saved but not measured (a stop should not wait for pictures)."""
+    root, plain, _ = straight
+    cfg = demo(root, "stop-at-checkpoint", evaluation={"at_checkpoints": "auto"})
+    saved, real_save = [], loop.save_checkpoint
+
+    def save(run_dir, step, *args, **kwargs):
+        saved.append(step)
+        return real_save(run_dir, step, *args, **kwargs)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert loop.train(cfg, stop=StopRequested(at_step=2)) is None
+    events = read_events(cfg.run_path())
+    assert saved == [2] and [e["step"] for e in events if e["event"] == "evaluation"] == [2]
+    assert events[-1]["event"] == "stopped" and events[-1]["checkpoint"].endswith("step_000002")
+    assert loop.train(cfg, resume=True, stop=StopRequested(at_step=3)) is None
+    events = read_events(cfg.run_path())
+    assert saved == [2, 3] and [e["step"] for e in events if e["event"] == "evaluation"] == [2]
+    same_weights(loop.train(cfg, resume=True), plain)
 
 
 def test_stop_during_latent_caching(straight, monkeypatch):

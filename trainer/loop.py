@@ -23,7 +23,8 @@ from tqdm import tqdm
 from . import preflight
 from .atomic import atomic_path
 from .caches import all_latents, encode_latents, text_outputs
-from .checkpoint import Position, checkpoint_lora, capture, find_resume_checkpoint, latest_checkpoint, restore, save_checkpoint
+from .checkpoint import (Position, capture, checkpoint_lora, find_resume_checkpoint, latest_checkpoint, restore,
+                         save_checkpoint)
 from .conditioning import encode_text, sdxl_time_ids
 from .config import TrainConfig, save_config
 from .cpu_attention import use_cpu_training_attention
@@ -69,6 +70,7 @@ class Run:
     optimizer_name: str = ""  # the class, e.g. AdamW8bit (accelerate wraps the optimizer)
     pos: Position = field(default_factory=Position)
     resumed_from: Path | None = None
+    checkpointed: int = -1  # the step of the newest checkpoint this process wrote
     judge: Judge | None = None  # measures each checkpoint (main process, evaluation.at_checkpoints = auto)
     unet_fwd: torch.nn.Module | None = None  # the modules as accelerate wrapped them (DDP) for the forward pass
     encoders_fwd: list = field(default_factory=list)
@@ -191,7 +193,6 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     run = Run(cfg, accelerator, precision, weight_dtype, base_path, base, ds, global_batch, steps_per_epoch,
               total_steps, parts, latents, text_cache, sample_prompts, sample_embeds, optimizer,
               make_scheduler(opt, optimizer, total_steps), torch.Generator().manual_seed(tr.seed), started)
-
     run.optimizer_name, run.judge = type(optimizer).__name__, judge
 
     # Resume: weights, optimiser, schedule, RNG and the position in the data stream.
@@ -199,6 +200,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     if resume:
         run.resumed_from = find_resume_checkpoint(run_dir)
         run.pos = restore(run.resumed_from, parts, optimizer, run.scheduler, run.noise_rng, accelerator)
+        run.checkpointed = run.pos.step  # a stop before the next step keeps that checkpoint, not a copy
 
     *run.trained_fwd, run.optimizer = accelerator.prepare(*run.trained, optimizer)
     run.unet_fwd = run.trained_fwd[0]
@@ -294,9 +296,11 @@ def _steps(run: Run, stop: StopRequested, events: EventLog) -> bool:
 
 
 def _stopped(run: Run, events: EventLog, progress: tqdm) -> bool:
-    """A checkpoint of the last completed optimiser step (none before the first), then the `stopped` event."""
+    """A checkpoint of the last completed optimiser step (none before the first; not twice), then `stopped`.
+    Not measured: a stop should be prompt; the resumed run is measured at its next checkpoint."""
     progress.close()
-    path = _checkpoint(run, events) if run.pos.step > 0 else None
+    path = (latest_checkpoint(run.cfg.run_path()) if run.checkpointed == run.pos.step
+            else _checkpoint(run, events, evaluate=False) if run.pos.step > 0 else None)
     events.emit("stopped", step=run.pos.step, checkpoint=str(path) if path else None)
     return False
 
@@ -396,7 +400,7 @@ def _sample(run: Run, stop: StopRequested, events: EventLog) -> list[str]:
     return paths
 
 
-def _checkpoint(run: Run, events: EventLog) -> Path | None:
+def _checkpoint(run: Run, events: EventLog, evaluate: bool = True) -> Path | None:
     """Every process takes part (their RNG states are gathered); the main process writes and exports."""
     captured = capture(run.pos, run.parts, run.optimizer, run.scheduler, run.noise_rng, run.accelerator,
                        dataclasses.asdict(_info(run)))  # run_info: for `python -m trainer export` (export_run.py)
@@ -408,7 +412,9 @@ def _checkpoint(run: Run, events: EventLog) -> Path | None:
         lora_file = export_lora(run.cfg, lora, checkpoint_lora(run.cfg.run_path(), run.cfg.output.name, run.pos.step),
                                 _info(run), run.base.family.is_sdxl)  # a loadable file, kept when folders are pruned
         events.emit("checkpoint", step=run.pos.step, path=str(path), lora=str(lora_file))
-        measure(run, lora_file, events)  # `evaluation` and `recommendation`, with evaluation on
+        if evaluate:
+            measure(run, lora_file, events)  # `evaluation` and `recommendation`, with evaluation on
+    run.checkpointed = run.pos.step
     run.accelerator.wait_for_everyone()
     return path
 
