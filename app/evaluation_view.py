@@ -16,6 +16,7 @@ from app import checkpoints as ckpts
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
 from app.jobs import Jobs
+from app.train_panel import on_screen_run
 from trainer.events import read_events
 
 MEASURES = {"likeness": "likeness (base 0, training images 1)", "strength": "strength (change on its prompts)",
@@ -62,9 +63,9 @@ def recommendation_html(events: list[dict]) -> str:
             f'"Keep this one" copies the recommended checkpoint to the LoRA folder.</div>')
 
 
-def refresh(jobs: Jobs, shown: tuple):
-    """One poll: the current run's evidence, sent only when events.jsonl has grown."""
-    run = jobs.current()
+def refresh(jobs: Jobs, shown: tuple, name: str | None = None):
+    """One poll: the evidence of the run on screen (the one the run panel shows), sent only when it changed."""
+    run = on_screen_run(jobs, name)
     path = run / "events.jsonl" if run else None
     stamp = (str(run), path.stat().st_size if path and path.exists() else 0)
     if stamp == tuple(shown or ()):
@@ -73,8 +74,8 @@ def refresh(jobs: Jobs, shown: tuple):
     return side_by_side(events), evaluation_frame(events), recommendation_html(events), stamp
 
 
-def keep_recommended(jobs: Jobs, folders: Folders) -> str:
-    run = jobs.current()
+def keep_recommended(jobs: Jobs, folders: Folders, name: str | None = None) -> str:
+    run = on_screen_run(jobs, name)
     pick = ckpts.recommendation(run) if run else None
     if pick is None or not pick.get("lora"):
         raise UserError("there is no recommended checkpoint yet: it comes with the first measured checkpoint")
@@ -82,8 +83,8 @@ def keep_recommended(jobs: Jobs, folders: Folders) -> str:
     return f"Kept step {pick['step']} as {target.name} in the LoRA folder: it is in the Gallery tab."
 
 
-def build(folders: Folders, jobs: Jobs) -> None:
-    """The block's components and events (call inside the Train tab's layout)."""
+def build(folders: Folders, jobs: Jobs, on_screen: gr.State) -> None:
+    """The block's components and events (call inside the Train tab's layout); `on_screen`: the run's name."""
     pairs = gr.Gallery(label="Base | latest for each sample prompt, older samples below", columns=4, height=300,
                        elem_id="base-latest", object_fit="contain", fit_columns=False)
     chart = gr.LinePlot(None, x="step", y="value", color="measure", title="Checkpoint measures", height=260,
@@ -94,5 +95,6 @@ def build(folders: Folders, jobs: Jobs) -> None:
     kept = gr.Markdown(elem_id="keep-message")
     shown = gr.State(())
     poll = shown_as_gr_error(functools.partial(refresh, jobs))
-    gr.Timer(3.0).tick(poll, shown, [pairs, chart, pick, shown], show_progress="hidden")
-    keep_btn.click(shown_as_gr_error(functools.partial(keep_recommended, jobs, folders)), None, kept)
+    gr.Timer(3.0).tick(poll, [shown, on_screen], [pairs, chart, pick, shown], show_progress="hidden")
+    on_screen.change(poll, [shown, on_screen], [pairs, chart, pick, shown], show_progress="hidden")
+    keep_btn.click(shown_as_gr_error(functools.partial(keep_recommended, jobs, folders)), on_screen, kept)

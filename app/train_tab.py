@@ -258,16 +258,16 @@ def _settings_section(folders: Folders) -> dict:
 
 def build_train_tab(demo: gr.Blocks, folders: Folders, jobs: Jobs, queue: RunQueue) -> None:
     """The Train tab's components and events (call inside `with demo:` and a gr.Tab)."""
+    on_screen, shown, timer = gr.State(""), gr.State({}), gr.Timer(2.0)
     with gr.Row():
         with gr.Column(scale=3):
             d = _dataset_section(demo, folders)
             s = _settings_section(folders)
             # Inside the form's column, so the run panel beside it stays in view while this is read.
             with gr.Accordion("Checkpoints: base | latest, measures, the recommended one", open=True):
-                evaluation_view.build(folders, jobs)
+                evaluation_view.build(folders, jobs, on_screen)
         with gr.Column(scale=2, elem_id="train-panel"):
             p = build_train_panel()
-    on_screen, shown, timer = gr.State(""), gr.State({}), gr.Timer(2.0)
     _wire_dataset(folders, d, s)
     _wire_runs(folders, jobs, queue, d, s, p, on_screen, shown, timer)
     demo.load(shown_as_gr_error(functools.partial(page_load, folders, jobs, queue)), None,

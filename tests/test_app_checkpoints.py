@@ -122,3 +122,30 @@ def test_the_train_tab_poll_sends_only_when_the_run_grows(tmp_path):
     with open(run / "events.jsonl", "a") as f:
         f.write(json.dumps({"event": "recommendation", "step": 100, "lora": "x", "reason": "later"}) + "\n")
     assert 'data-step="100"' in ev.refresh(OneRun(), stamp)[2]
+
+
+def test_the_evidence_follows_the_run_on_screen_and_keep_takes_its_recommendation(tmp_path):
+    """Two runs: the one opened on the page is shown and kept from, not the newest or running one."""
+    from app.folders import Folders
+
+    opened = write_run(tmp_path)
+    newest = opened.parent / "other-run"
+    newest.mkdir()
+    (newest / "config.toml").write_text("")
+    (newest / "events.jsonl").write_text(json.dumps({"event": "recommendation", "step": 7, "lora": "",
+                                                     "reason": "x"}) + "\n")
+    (opened / "config.toml").write_text("")
+
+    class TwoRuns:  # app.jobs.Jobs as the block uses it
+        runs_dir = opened.parent
+
+        def current(self):
+            return newest
+
+    assert 'data-step="7"' in ev.refresh(TwoRuns(), ())[2]  # nothing opened: the running/newest run
+    pairs, _, text, _ = ev.refresh(TwoRuns(), (), "my-style")
+    assert len(pairs) == 6 and 'data-step="50"' in text
+    folders = Folders.create(tmp_path / "models", tmp_path / "outputs")
+    message = ev.keep_recommended(TwoRuns(), folders, "my-style")
+    assert "step 50" in message
+    assert (folders.lora_dir / "my-style-step000050.safetensors").read_bytes() == b"weights of step 50"
