@@ -36,8 +36,10 @@ def cached_latents(ds, flips, cache: LatentCache, vae_identity: str, vae, device
     return out
 
 
-def all_latents(ds, cfg, cache_dir, base, accelerator, stop=None) -> dict[tuple[int, bool], torch.Tensor]:
-    """Every latent the run will draw, in host memory; the VAE's encoder is dropped afterwards."""
+def all_latents(ds, cfg, cache_dir, base, accelerator, stop=None, drop: bool = True
+                ) -> dict[tuple[int, bool], torch.Tensor]:
+    """Every latent the run will draw, in host memory; the VAE's encoder is dropped afterwards (`drop`; several
+    runs on one base drop it once none of them needs it: multi_run.py)."""
     vae, device = base.vae, accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     cache = LatentCache(cache_dir)
@@ -47,6 +49,12 @@ def all_latents(ds, cfg, cache_dir, base, accelerator, stop=None) -> dict[tuple[
         cached_latents(ds, flips, cache, base.identity, vae, device, share=(rank, world), stop=stop)
         accelerator.wait_for_everyone()
     latents = cached_latents(ds, flips, cache, base.identity, vae, device, stop=stop)
+    if drop:
+        drop_vae_encoder(vae)
+    return latents
+
+
+def drop_vae_encoder(vae) -> None:
     # Every latent is cached: from here on the VAE only decodes samples. Its encoder (a third of the VAE,
     # 0.14 GB for SD's in fp32) is dropped, not moved to "meta": the pipelines ask the VAE for its device,
     # which is its first parameter's, and that would then be the encoder's "meta". An encoder read from a
@@ -55,7 +63,6 @@ def all_latents(ds, cfg, cache_dir, base, accelerator, stop=None) -> dict[tuple[
     vae.encoder = None
     if getattr(vae, "quant_conv", None) is not None:
         vae.quant_conv = None
-    return latents
 
 
 @torch.no_grad()

@@ -48,29 +48,64 @@ def _train_overrides(args) -> dict:
     return layer
 
 
-def cmd_train(args) -> int:
-    from .checkpoint import latest_checkpoint
-    from .loop import train
-
+def _train_config(args, config: str | None):
     layers = []
     if args.preset:
         layers.append({"preset": args.preset})
-    if args.config:
-        layers.append(read_toml(args.config))
+    if config:
+        layers.append(read_toml(config))
     layers.append(_train_overrides(args))
     cfg = build_config(*layers)
     if not cfg.data.dataset:
-        raise ConfigError("no dataset: pass --dataset DIR or set [data] dataset in the config")
+        raise ConfigError(f"no dataset{' in ' + config if config else ''}: pass --dataset DIR or set [data] "
+                          "dataset in the config")
+    return cfg
+
+
+def _outcome(cfg, out, prefix: str = "") -> None:
+    from .checkpoint import latest_checkpoint
+
+    if out is None and latest_checkpoint(cfg.run_path()) is None:
+        print(f"{prefix}stopped before the first optimiser step: no checkpoint was made (start again to train)")
+    elif out is None:
+        print(f"{prefix}stopped; a checkpoint was saved — continue with the same command plus --resume")
+    else:
+        print(f"{prefix}saved {out}")
+
+
+def cmd_train(args) -> int:
+    from .loop import train
+
+    configs = args.config or [None]
+    if len(configs) > 1:
+        return _train_together(args, configs)
+    cfg = _train_config(args, configs[0])
     out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch only the first process reports
         return 0
-    if out is None and latest_checkpoint(cfg.run_path()) is None:
-        print("stopped before the first optimiser step: no checkpoint was made (start again to train)")
-    elif out is None:
-        print("stopped; a checkpoint was saved — continue with the same command plus --resume")
-    else:
-        print(f"saved {out}")
+    _outcome(cfg, out)
     return 0
+
+
+def _train_together(args, configs: list[str]) -> int:
+    """Several --config: one process, one base model (trainer/multi_run.py); one line per run, exit 2 when one
+    failed with an error of the user's to fix (1: the disk), and a bug's traceback after the others finished."""
+    import traceback
+
+    from .errors import USER_ERRORS
+    from .multi_run import train_many
+
+    cfgs = [_train_config(args, c) for c in configs]
+    code = 0
+    for cfg, out in zip(cfgs, train_many(cfgs, resume=args.resume, overwrite=args.overwrite)):
+        if not isinstance(out, BaseException):
+            _outcome(cfg, out, f"{cfg.output.name}: ")
+            continue
+        print(f"{cfg.output.name}: error: {one_line(out)}", file=sys.stderr)
+        if not isinstance(out, USER_ERRORS):
+            traceback.print_exception(out)
+        code = max(code, 2 if isinstance(out, (StudioError, FileNotFoundError)) else 1)
+    return code
 
 
 def _lora_arg(item: str):
@@ -236,7 +271,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a LoRA")
-    t.add_argument("--config", help="a run config .toml (a top-level `preset = \"name\"` is applied first)")
+    t.add_argument("--config", action="append",
+                   help="a run config .toml (a top-level `preset = \"name\"` is applied first); given several "
+                        "times, the runs train together on one loaded copy of their shared base model")
     t.add_argument("--preset", help="a preset name from presets/ (style, character, sdxl-style, low-memory, demo)")
     t.add_argument("--base-model", help="diffusers folder or .safetensors checkpoint (default: the demo model)")
     t.add_argument("--dataset", help="image folder, kohya N_name parent folder, or dataset .toml")

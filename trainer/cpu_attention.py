@@ -142,8 +142,13 @@ class CpuTrainingAttnProcessor(AttnProcessor2_0):
 
 
 def use_cpu_training_attention(unet, memory_mb: int = DEFAULT_MEMORY_MB) -> CpuTrainingAttnProcessor:
-    """Every attention layer of `unet` gets one shared CpuTrainingAttnProcessor with a budget of `memory_mb`."""
+    """Every attention layer of `unet` gets one shared CpuTrainingAttnProcessor with a budget of `memory_mb`
+    (once: several runs on one UNet share it)."""
+    installed = getattr(unet, "_cpu_training_attention", None)
+    if installed is not None and installed.memory_bytes == memory_mb * 2**20:
+        return installed
     processor = CpuTrainingAttnProcessor(memory_mb * 2**20)
     unet.set_attn_processor(processor)
     unet.register_forward_pre_hook(processor.new_pass)
+    unet._cpu_training_attention = processor
     return processor

@@ -1,5 +1,5 @@
 """The training loop. Reads top to bottom: `train` → `_prepare` (model, data, network, caches, optimiser, resume)
-→ `_steps` (micro-batch, loss, optimiser step, report, samples and checkpoints) → `_finish` (the export).
+→ `steps` (micro-batch, loss, optimiser step, report, samples and checkpoints) → `_finish` (the export).
 
 Several processes (`accelerate launch`) split each global batch: every process draws the whole batch's order,
 noise and timesteps from the same seeded generators and keeps its own slice, so N processes at batch b train
@@ -25,21 +25,20 @@ from .atomic import atomic_path
 from .caches import all_latents, encode_latents, text_outputs
 from .checkpoint import (Position, capture, checkpoint_lora, find_resume_checkpoint, latest_checkpoint, restore,
                          save_checkpoint)
-from .conditioning import encode_text, sdxl_time_ids
 from .config import TrainConfig, save_config
-from .cpu_attention import use_cpu_training_attention
+from .conditioning import encode_text, sdxl_time_ids
 from .data import Dataset, load_dataset
 from .events import EventLog, Pace
 from .judge import Judge, begin, default_sample_prompts, make_judge, measure, split_validation
-from .lean import lean_forwards
-from .export_run import export_lora, part_names, thumbnail
+from .export_run import export_lora, thumbnail
 from .memory import keep_freed_memory, return_big_blocks_to_the_os, trim_heap
 from .metadata import RunInfo, base_model_name
 from .models import BaseModel, default_base_model, load_base_model
-from .network import add_lora, lora_parameters, lora_state
+from .network import ADAPTER, lora_parameters, lora_state
 from .optim import make_optimizer, make_scheduler
 from .precision import make_accelerator, resolve_precision
 from .run_folder import claim
+from .run_network import add_network
 from .sampling import encode_samples, render_samples
 from .step_guard import CheckpointClock, NonFiniteGuard, check_weights, kept, step_is_finite
 from .stopping import StopRequested, Stopped, Window, any_process, check, stop_on_signals
@@ -128,7 +127,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
                 resumed_step=run.pos.step if run.resumed_from else None, precision=precision,
                 processes=accelerator.num_processes, latent_cache=bool(run.latents), text_cache=bool(run.text_cache))
     begin(run, lambda: _sample(run, stop, events))  # the base model's pictures: samples at step 0, the judge's
-    if not _steps(run, stop, events):
+    if not drive(steps(run, stop, events)):
         return None
     return _finish(run, stop, events)
 
@@ -136,8 +135,10 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopRequested, accelerator: Acc
 # ---- Set-up ---------------------------------------------------------------------------------------------------
 
 def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision: str, events: EventLog,
-             stop: StopRequested) -> Run:
-    tr, device = cfg.training, accelerator.device
+             stop: StopRequested, base: BaseModel | None = None, adapter: str = ADAPTER) -> Run:
+    """`base`: one loaded for several runs (multi_run.py), which then frees the shared modules and prepares the
+    trained ones with accelerate itself, once for all the runs."""
+    tr, device, shared = cfg.training, accelerator.device, base is not None
     run_dir, started = cfg.run_path(), time.time()
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.toml")
@@ -145,9 +146,10 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
 
     # Model: the frozen base, in the training precision (LoRA weights stay fp32).
     base_path = Path(cfg.model.base_model) if cfg.model.base_model else default_base_model()
-    base = load_base_model(base_path, family=cfg.model.family, dtype=weight_dtype)
-    for m in (base.unet, base.vae, *base.text_encoders):
-        m.to(device)
+    if not shared:
+        base = load_base_model(base_path, family=cfg.model.family, dtype=weight_dtype)
+        for m in (base.unet, base.vae, *base.text_encoders):
+            m.to(device)
     preflight.check_clip_skip(cfg.model.clip_skip, base.text_encoders)
     preflight.check_memory(cfg, base.unet, base.vae, device, torch.finfo(weight_dtype).bits // 8)
 
@@ -160,7 +162,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     steps_per_epoch = math.ceil(ds.batches_per_epoch(global_batch) / tr.grad_accum)
     total_steps = tr.epochs * steps_per_epoch if tr.epochs > 0 else tr.steps
 
-    parts = _add_network(cfg, base, device)
+    parts = add_network(cfg, base, device, adapter)
     sample_prompts = cfg.sample.prompts or default_sample_prompts([r.caption for r in ds.images])
     judge = make_judge(cfg, ds, base, held_out, sample_prompts, accelerator, started)  # before the caches
     if accelerator.is_main_process:
@@ -170,7 +172,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
     # Caches: VAE latents (when augmentation is deterministic) and text-encoder outputs (when frozen).
     latents = {}
     if cfg.data.cache_latents != "off" and not ds.random_crop:
-        latents = all_latents(ds, cfg, run_dir.parent / ".cache" / "latents", base, accelerator, stop)
+        latents = all_latents(ds, cfg, run_dir.parent / ".cache" / "latents", base, accelerator, stop, not shared)
     text_cache = {}
     if not cfg.network.train_text_encoder and ds.captions_fixed and tr.cache_text_encoder_outputs == "auto":
         text_cache = text_outputs([r.caption for r in ds.images], base.text_encoders, base.tokenizers,
@@ -180,7 +182,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
         # Nothing needs the frozen encoders again once the sample prompts are encoded too: free them (CLIP-L is
         # 0.5 GB in fp32, SDXL's pair 3.3 GB), so peak memory stays at or below a loop that keeps them.
         sample_embeds = encode_samples(sample_prompts, cfg, base.text_encoders, base.tokenizers, accelerator)
-        for te in base.text_encoders:
+        for te in [] if shared else base.text_encoders:
             te.to("meta")
 
     # Optimiser and LR schedule.
@@ -194,46 +196,34 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
               total_steps, parts, latents, text_cache, sample_prompts, sample_embeds, optimizer,
               make_scheduler(opt, optimizer, total_steps), torch.Generator().manual_seed(tr.seed), started)
     run.optimizer_name, run.judge = type(optimizer).__name__, judge
-
     # Resume: weights, optimiser, schedule, RNG and the position in the data stream.
     torch.manual_seed(tr.seed + accelerator.process_index)  # LoRA dropout: per process, like separate GPUs
     if resume:
         run.resumed_from = find_resume_checkpoint(run_dir)
         run.pos = restore(run.resumed_from, parts, optimizer, run.scheduler, run.noise_rng, accelerator)
         run.checkpointed = run.pos.step  # a stop before the next step keeps that checkpoint, not a copy
-
+    if shared:
+        return run
     *run.trained_fwd, run.optimizer = accelerator.prepare(*run.trained, optimizer)
     run.unet_fwd = run.trained_fwd[0]
     run.encoders_fwd = run.trained_fwd[1:] if cfg.network.train_text_encoder else base.text_encoders
     return run
 
 
-def _add_network(cfg: TrainConfig, base: BaseModel, device: torch.device) -> dict[str, torch.nn.Module]:
-    """LoRA adapters on the UNet and (optionally) the text encoders; returns the trained modules by name."""
-    tr, net, unet, encoders = cfg.training, cfg.network, base.unet, base.text_encoders
-    preflight.check_rank(net.rank, preflight.lora_targets(unet, encoders if net.train_text_encoder else []))
-    torch.manual_seed(tr.seed)  # the same LoRA init on every process and in every run with this seed
-    add_lora(unet, encoders, net)
-    lean_forwards(unet)  # fewer activations kept for backward, same results (lean.py)
-    if device.type == "cpu":
-        use_cpu_training_attention(unet, tr.attention_memory_mb)  # bf16 attention without recomputation
-    parts = {"unet": unet}
-    if net.train_text_encoder:
-        parts.update(zip(part_names(len(encoders)), encoders))
-    if tr.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for te in list(parts.values())[1:]:
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for te in encoders:
-        te.train(net.train_text_encoder)  # frozen encoders stay in eval mode (no dropout)
-    unet.train()
-    return parts
-
-
 # ---- The steps: a flat stream of micro-batches, epoch after epoch -----------------------------------------------
 
-def _steps(run: Run, stop: StopRequested, events: EventLog) -> bool:
-    """Trains to the last step (True) or until a stop is requested (False, after a checkpoint)."""
+def drive(stream):
+    """Runs a generator to its end; its return value."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            return end.value
+
+
+def steps(run: Run, stop: StopRequested, events: EventLog):
+    """Trains to the last step (returns True) or until a stop is requested (False, after a checkpoint); yields
+    after every optimiser step (several runs on one base take turns: multi_run.py)."""
     cfg, tr, pos, accelerator = run.cfg, run.cfg.training, run.pos, run.accelerator
     rank, device = accelerator.process_index, accelerator.device
     trim_heap()  # the set-up's freed buffers (full-resolution VAE encoding, loading) are not the steps' sizes
@@ -291,6 +281,7 @@ def _steps(run: Run, stop: StopRequested, events: EventLog) -> bool:
         pace.paused()
         if not last and any_process(stop.flag, accelerator):
             return _stopped(run, events, progress)
+        yield
     progress.close()
     return True
 

@@ -7,9 +7,12 @@ projections are always trained together: loaders skip partial sets.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .config import NetworkConfig
@@ -21,13 +24,29 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 _INIT = {"gaussian": "gaussian", "kaiming": True, "zeros": False}
 
 
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer itself: an earlier adapter (another run on the same base) wraps it in a PEFT LoRA layer."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _layers(model: torch.nn.Module):
+    """(name, layer) of every module, a PEFT LoRA layer as its base layer and without its own parts."""
+    inside = None  # a LoRA layer's prefix: its parts (base_layer, lora_A.<name>…) come right after it
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside = f"{name}."
+        yield name, base_layer(module)
+
+
 def unet_target_names(unet: torch.nn.Module) -> list[str]:
     """Full module paths of every Linear / 1x1 Conv2d inside a Transformer2DModel."""
     names = []
     for block_name, block in unet.named_modules():
         if not isinstance(block, Transformer2DModel):
             continue
-        for name, module in block.named_modules():
+        for name, module in _layers(block):
             is_1x1 = isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
             if isinstance(module, torch.nn.Linear) or is_1x1:
                 names.append(f"{block_name}.{name}")
@@ -35,7 +54,7 @@ def unet_target_names(unet: torch.nn.Module) -> list[str]:
 
 
 def text_target_names(text_encoder: torch.nn.Module) -> list[str]:
-    return [name for name, module in text_encoder.named_modules()
+    return [name for name, module in _layers(text_encoder)
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TEXT_TARGETS
             and ".layers." in name]
 
@@ -46,14 +65,18 @@ def lora_config(net: NetworkConfig, targets: list[str]) -> LoraConfig:
                       init_lora_weights=_INIT[net.init_weights])
 
 
-def add_lora(unet, text_encoders: list, net: NetworkConfig) -> None:
-    """Inject trainable LoRA adapters; the base weights stay frozen. Text encoders only when trained."""
+def add_lora(unet, text_encoders: list, net: NetworkConfig, adapter: str = ADAPTER) -> None:
+    """Inject trainable LoRA adapters; the base weights stay frozen. Text encoders only when trained. `adapter`:
+    its name, another one for each of several runs on one base (multi_run.py); it is the active one afterwards."""
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(net, unet_target_names(unet)), adapter_name=ADAPTER)
-    for te in text_encoders:
-        te.requires_grad_(False)
-        if net.train_text_encoder:
-            te.add_adapter(lora_config(net, text_target_names(te)), adapter_name=ADAPTER)
+    with warnings.catch_warnings():  # PEFT warns of a second adapter on a model: several runs mean to (multi_run.py)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(lora_config(net, unet_target_names(unet)), adapter_name=adapter)
+        for te in text_encoders:
+            te.requires_grad_(False)
+            if net.train_text_encoder:
+                te.add_adapter(lora_config(net, text_target_names(te)), adapter_name=adapter)
+    use_adapter([unet, *text_encoders], adapter)
     # LoRA parameters train in fp32 even when the frozen base is fp16/bf16: their updates are tiny.
     for model in [unet, *text_encoders]:
         for name, p in model.named_parameters():
@@ -62,19 +85,42 @@ def add_lora(unet, text_encoders: list, net: NetworkConfig) -> None:
                 p.requires_grad_(True)
 
 
-def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
+def use_adapter(models: list, adapter: str) -> None:
+    """Make `adapter` the one active adapter wherever it exists; layers without it run with adapters off (a text
+    encoder another run trains). Several runs on one base switch with this before each of their steps."""
+    for model in models:
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                if adapter in layer.lora_A:
+                    layer.enable_adapters(True)
+                    layer.set_adapter(adapter)
+                else:
+                    layer.enable_adapters(False)
+
+
+def active_adapter(model: torch.nn.Module) -> str:
+    """The adapter `model`'s LoRA layers run (ADAPTER for a model without any)."""
+    layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+    return layer.active_adapters[0] if layer is not None and layer.active_adapters else ADAPTER
+
+
+def lora_parameters(model: torch.nn.Module, adapter: str | None = None) -> list[torch.nn.Parameter]:
+    """The parameters of one adapter (default: the active one): a model may carry several runs' adapters."""
+    tag = f".{adapter or active_adapter(model)}."
+    return [p for n, p in model.named_parameters() if "lora_" in n and tag in n]
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-style state of one model: `<module path>.lora_A.weight` / `.lora_B.weight`, fp32, on the CPU."""
+    """PEFT-style state of the active adapter: `<module path>.lora_A.weight` / `.lora_B.weight`, fp32, on the CPU
+    (the adapter's name is not part of the keys, so every adapter exports alike)."""
     # save_embedding_layers=False: otherwise PEFT looks the model's name up on the hub to see if embeddings changed.
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+    state = get_peft_model_state_dict(model, adapter_name=active_adapter(model), save_embedding_layers=False)
     return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
 
 def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    """Into the active adapter."""
+    result = set_peft_model_state_dict(model, state, adapter_name=active_adapter(model))
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
         raise StudioError(f"the checkpoint holds LoRA keys this model does not have (e.g. {unexpected[:3]}): resume with "

@@ -94,10 +94,10 @@ def narrowest_layer(modules: list[tuple[str, torch.nn.Module]]) -> tuple[int, st
 
 def lora_targets(unet, text_encoders: list) -> list[tuple[str, torch.nn.Module]]:
     """The modules the LoRA will adapt (network.py's targets), by name."""
-    from .network import text_target_names, unet_target_names
+    from .network import base_layer, text_target_names, unet_target_names
 
-    out = [(n, unet.get_submodule(n)) for n in unet_target_names(unet)]
-    return out + [(n, te.get_submodule(n)) for te in text_encoders for n in text_target_names(te)]
+    out = [(n, base_layer(unet.get_submodule(n))) for n in unet_target_names(unet)]
+    return out + [(n, base_layer(te.get_submodule(n))) for te in text_encoders for n in text_target_names(te)]
 
 
 def check_rank(rank: int, targets: list[tuple[str, torch.nn.Module]]) -> None:
