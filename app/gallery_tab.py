@@ -139,14 +139,14 @@ def add_to_mix(selected: str, *slot_values):
 
 # ---- generating -------------------------------------------------------------------------------------------
 
-def _save(folders: Folders, image: Image.Image, kind: str) -> str:
+def save_picture(folders: Folders, image: Image.Image, kind: str) -> str:
     path = folders.generated_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{time.time_ns() % 1000000:06d}.png"
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return str(path)
 
 
-def _common(steps, cfg, width, height, seed, sampler) -> dict:
+def generation_settings(steps, cfg, width, height, seed, sampler) -> dict:
     if steps is None or not 1 <= steps <= 150:
         raise UserError(f"Steps is {steps}: use 1 to 150 (20-30 is usual)")
     if cfg is None or not 0 <= cfg <= 30:
@@ -160,7 +160,7 @@ def _common(steps, cfg, width, height, seed, sampler) -> dict:
                 sampler=sampler)
 
 
-def _watch(live: LiveGeneration, base: str, work, total: int, what: str):
+def watch_progress(live: LiveGeneration, base: str, work, total: int, what: str):
     """(picture or gr.skip(), progress bar) while `work` runs, then the final Progress."""
     shown = None
     for p in live.run(base, work, total):
@@ -179,11 +179,11 @@ def generate(folders: Folders, live: LiveGeneration, base, prompt, negative, see
         if path:
             specs.append(LoraSpec(path, float(unet_w), float(te_w)))
     _refuse_doubles(live.gen, prompt or "", specs)
-    common = _common(steps, cfg, width, height, seed, sampler)
+    common = generation_settings(steps, cfg, width, height, seed, sampler)
     tagged = len(parse_prompt_loras(prompt or "")[1])
     loads = live.gen.loads
     work = lambda progress: live.gen.generate(prompt or "", specs, negative or "", progress=progress, **common)  # noqa: E731
-    for picture, bar, p in _watch(live, base, work, common["steps"], "picture"):
+    for picture, bar, p in watch_progress(live, base, work, common["steps"], "picture"):
         yield picture, bar, gr.skip()
     if p.error is not None:
         raise p.error
@@ -191,7 +191,7 @@ def generate(folders: Folders, live: LiveGeneration, base, prompt, negative, see
         yield gr.skip(), bar, f"Cancelled at step {p.step} of {p.total}: no picture was saved."
         return
     loaded = " (after loading the base model)" if live.gen.loads > loads else ""
-    yield (_save(folders, p.result, "gen"), bar,
+    yield (save_picture(folders, p.result, "gen"), bar,
            f"Generated in {time.time() - p.started:.1f} s{loaded} with {len(specs) + tagged} LoRA(s): "
            f"{len(specs)} from the pickers, {tagged} from the prompt. Base model loads so far: {live.gen.loads}.")
 
@@ -222,17 +222,17 @@ def sweep(folders: Folders, live: LiveGeneration, base, lora, weights_text, prom
     if not lora:
         raise UserError("pick the LoRA to sweep")
     weights = parse_weights(weights_text)
-    common = _common(steps, cfg, width, height, seed, sampler)
+    common = generation_settings(steps, cfg, width, height, seed, sampler)
     work = lambda progress: live.gen.sweep(prompt or "", LoraSpec(lora, 1.0, None), weights,  # noqa: E731
                                            negative_prompt=negative or "", progress=progress, **common)[0]
-    for picture, bar, p in _watch(live, base, work, common["steps"] * len(weights), f"{len(weights)} pictures"):
+    for picture, bar, p in watch_progress(live, base, work, common["steps"] * len(weights), f"{len(weights)} pictures"):
         yield picture, bar
     if p.error is not None:
         raise p.error
     if p.phase == "cancelled":
         yield gr.skip(), bar
         return
-    yield _save(folders, p.result, "sweep"), bar
+    yield save_picture(folders, p.result, "sweep"), bar
 
 
 # ---- layout and wiring ------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def build_gallery_tab(demo: gr.Blocks, tab: gr.Tab, folders: Folders, gen: Gener
     negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
     with gr.Row():
         seed = gr.Number(1234, label="Seed", precision=0, elem_id="gen-seed")
-        # ranges checked in _common, whose messages name the field (Gradio's own name none)
+        # ranges checked in generation_settings, whose messages name the field (Gradio's own name none)
         steps = gr.Number(20, label="Steps", precision=0, elem_id="gen-steps")
         cfg = gr.Number(7.0, label="CFG", elem_id="gen-cfg")
         width = gr.Number(0, label="Width", info="0 = the model's size", precision=0, step=64)

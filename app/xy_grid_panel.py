@@ -58,7 +58,7 @@ def _weight(text: str, which: str) -> float:
 def xy_grid(folders: Folders, live: LiveGeneration, base, x_kind, x_loras, x_values, y_kind, y_loras, y_values,
             prompt, negative, seed, steps, cfg, width, height, sampler, *slots):
     """The grid handler: yields (picture or gr.skip(), progress bar) while it runs, then the saved grid."""
-    from app.gallery_tab import SLOTS, _common, _save, _watch  # the Generate section's own checks and helpers
+    from app.gallery_tab import SLOTS, generation_settings, save_picture, watch_progress
 
     if not base:
         raise UserError("pick a base model first")
@@ -71,17 +71,17 @@ def xy_grid(folders: Folders, live: LiveGeneration, base, x_kind, x_loras, x_val
         raise UserError(f"the grid has {count} pictures: make it at most {MAX_PICTURES} (fewer values per axis)")
     specs = [LoraSpec(slots[3 * i], float(slots[3 * i + 1]), float(slots[3 * i + 2]))
              for i in range(SLOTS) if slots[3 * i]]
-    common = _common(steps, cfg, width, height, seed, sampler)
+    common = generation_settings(steps, cfg, width, height, seed, sampler)
     picture = Picture(prompt or "", specs, negative or "", common.pop("seed"))
     work = lambda progress: render_grid(live.gen, picture, x, y, progress=progress, **common)[0]  # noqa: E731
-    for preview, bar, p in _watch(live, base, work, common["steps"] * count, f"{count} pictures"):
+    for preview, bar, p in watch_progress(live, base, work, common["steps"] * count, f"{count} pictures"):
         yield preview, bar
     if p.error is not None:
         raise p.error
     if p.phase == "cancelled":
         yield gr.skip(), bar
         return
-    yield _save(folders, p.result, "grid"), bar
+    yield save_picture(folders, p.result, "grid"), bar
 
 
 def lora_choices(index) -> list[tuple[str, str]]:

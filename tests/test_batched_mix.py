@@ -35,7 +35,7 @@ def world(request, tmp_path_factory):
 
 def deltas(gen, path):
     """A file's lora_formats.ModuleDeltas on the generator's base, as render_pictures reads them."""
-    return gen._read(Path(path).resolve())[1]
+    return gen.lora_deltas(Path(path).resolve())[1]
 
 
 def single_latents(gen, picture: Picture, steps, cfg):

@@ -224,7 +224,7 @@ def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 
         specs = [LoraSpec(str(Path(s.path).resolve()), *s.weights()) for s in specs]
         resolved.append(Picture(prompt, specs, p.negative_prompt, p.seed))
     # every file read and checked (family, NaN, fit) as the single-picture path does, before any work
-    files = {s.path: gen._read(Path(s.path))[1] for p in resolved for s in p.loras}
+    files = {s.path: gen.lora_deltas(Path(s.path))[1] for p in resolved for s in p.loras}
     gen.set_loras([])  # the base weights restored exactly: the LoRAs come in as per-sample branches
     cls, extra = SAMPLERS[sampler]
     gen.pipe.scheduler = cls.from_config(gen.pipe.scheduler.config, **extra)

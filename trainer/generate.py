@@ -198,7 +198,7 @@ class Generator:
             parts["text_encoder_2"] = self.pipe.text_encoder_2
         return parts
 
-    def _read(self, path: Path) -> tuple[tuple, tuple[ModuleDelta, ...]]:
+    def lora_deltas(self, path: Path) -> tuple[tuple, tuple[ModuleDelta, ...]]:
         """A LoRA file's deltas on this base model, read once per file version; refused in one line if they
         do not fit (another family, another model size, a format we do not read, NaN weights)."""
         stat = path.stat()
@@ -221,7 +221,7 @@ class Generator:
         assert self.pipe is not None, "load() a base model first"
         items = []
         for spec in loras:
-            key, deltas = self._read(Path(spec.path).resolve())
+            key, deltas = self.lora_deltas(Path(spec.path).resolve())
             items.append(MixItem(key, deltas, *spec.weights()))
         return self._mix.apply(items)
 

@@ -64,7 +64,7 @@ def _canonical(part: str, path: str) -> str:
     return path.removeprefix("text_model.") if part != "unet" else path
 
 
-class _Index:
+class TargetIndex:
     """The model's modules under every name a file may use for them."""
 
     def __init__(self, parts: dict[str, torch.nn.Module]):
@@ -94,7 +94,7 @@ class _Index:
 def module_deltas(lora: LoraFile, parts: dict[str, torch.nn.Module], model_name: str = "") -> list[ModuleDelta]:
     """Every entry of `lora` resolved to a module of `parts` ({"unet": …, "text_encoder": …, "text_encoder_2": …}),
     or a LoraFileError naming the file, the model (`model_name`, for the message) and the first key that fits nothing."""
-    index = _Index(parts)
+    index = TargetIndex(parts)
     model = f"the base model {model_name}" if model_name else "this model"
     out = []
     for entry in lora.entries:

@@ -116,7 +116,7 @@ def unet_arithmetic(gen: Generator, size: int, lora: Path) -> dict:
         out[f"gflop_batch{batch}"] = flops.get_total_flops() / 1e9
         out[f"aten_calls_batch{batch}"] = kernels.calls
     gen.set_loras([])
-    with SampleMixes(pipe_parts(gen.pipe), [gen._read(Path(lora).resolve())[1]]) as mixes:
+    with SampleMixes(pipe_parts(gen.pipe), [gen.lora_deltas(Path(lora).resolve())[1]]) as mixes:
         mixes.set_weights("unet", torch.linspace(0, 1, 5)[:, None])
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
             unet(x, torch.tensor([500] * 10), ctx)

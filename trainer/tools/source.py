@@ -19,7 +19,7 @@ import torch
 
 from trainer.lora_file import LoraFileError
 from trainer.lora_formats import LoraFile, read_lora
-from trainer.lora_targets import ModuleDelta, _Index, module_deltas  # _Index: the names a file may use, per module
+from trainer.lora_targets import ModuleDelta, TargetIndex, module_deltas
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TRIED = ("sd1", "sdxl", "sd2")  # a file that does not say its family: the first whose modules it all matches
@@ -67,7 +67,7 @@ def file_shaped_deltas(lora: LoraFile) -> tuple[str, list[ModuleDelta]]:
     missing = None
     for family in families:
         parts = skeleton(family)
-        index = _Index(parts)
+        index = TargetIndex(parts)
         deltas = []
         for entry in lora.entries:
             found = index.candidates(entry)
