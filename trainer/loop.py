@@ -196,6 +196,7 @@ def _prepare(cfg: TrainConfig, resume: bool, accelerator: Accelerator, precision
               total_steps, parts, latents, text_cache, sample_prompts, sample_embeds, optimizer,
               make_scheduler(opt, optimizer, total_steps), torch.Generator().manual_seed(tr.seed), started)
     run.optimizer_name, run.judge = type(optimizer).__name__, judge
+
     # Resume: weights, optimiser, schedule, RNG and the position in the data stream.
     torch.manual_seed(tr.seed + accelerator.process_index)  # LoRA dropout: per process, like separate GPUs
     if resume:
