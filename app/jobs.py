@@ -189,6 +189,20 @@ class Jobs:
             write_text(run_dir / "config.toml", config_text)
             self._spawn(run_dir, resume=False)
 
+    def start_together(self, run_dirs: list[Path]) -> None:
+        """Fresh runs whose config.toml is written (queued) in one trainer process on one loaded base model
+        (`train --config a --config b`: trainer/multi_run.py); Stop on any of them stops them all."""
+        run_dirs = [Path(d) for d in run_dirs]
+        with self._lock:
+            self.refuse_if_busy()
+            for run_dir in run_dirs:
+                self.refuse_existing(run_dir)
+            for run_dir in run_dirs:
+                (run_dir / "events.jsonl").unlink(missing_ok=True)
+                with self._view_lock:
+                    self._views.pop(run_dir, None)
+            self._spawn(run_dirs[0], resume=False, together=run_dirs[1:])
+
     def resume(self, run_dir: Path) -> None:
         run_dir = Path(run_dir)
         with self._lock:
@@ -203,19 +217,25 @@ class Jobs:
                 raise UserError(f"Run '{run_dir.name}' has no checkpoint to resume from: press Start instead.")
             self._spawn(run_dir, resume=True)
 
-    def _spawn(self, run_dir: Path, resume: bool) -> None:
+    def _spawn(self, run_dir: Path, resume: bool, together: list[Path] = ()) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                    PYTHONUNBUFFERED="1")
         # Own session/process group: the job survives the UI's Ctrl+C and a UI restart.
         platform = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32"
                     else {"start_new_session": True})
         with open(run_dir / "train.log", "ab") as log:
-            proc = subprocess.Popen(self.command(run_dir / "config.toml", resume), cwd=PROJECT_ROOT, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **platform)
-        self._procs[run_dir] = proc
-        # Only the UI writes the pid file (a trainer started from a terminal is not the UI's job): it lets a
-        # restarted UI find the process, and a second Start in the next instant already sees this job.
-        write_text(run_dir / "train.pid", f"{proc.pid}\n")
+            command = self.command(run_dir / "config.toml", resume)
+            command += [arg for other in together for arg in ("--config", str(other / "config.toml"))]
+            proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, **platform)
+        for other in together:  # one process, one log: the others' train.log says where it is
+            with open(other / "train.log", "a", encoding="utf-8") as log:
+                log.write(f"training together with '{run_dir.name}' in one process: its log is {run_dir / 'train.log'}\n")
+        for each in (run_dir, *together):
+            self._procs[each] = proc
+            # Only the UI writes the pid file (a trainer started from a terminal is not the UI's job): it lets a
+            # restarted UI find the process, and a second Start in the next instant already sees this job.
+            write_text(each / "train.pid", f"{proc.pid}\n")
 
     def stop(self, run_dir: Path) -> None:
         """Ask the trainer to save a checkpoint and exit (it writes a `stopped` event)."""

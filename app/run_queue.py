@@ -2,8 +2,10 @@
 
 Start while a training runs writes the new run's folder (config.toml) at once, so it is listed and its settings
 can be opened, and adds its name to runs/queue.json. A thread of the app checks every few seconds: when nothing
-is training, the first queued run starts as its own process. The queue is a file, so it survives closing the
-browser and restarting the app; a run that fails or crashes simply ends, and the next one starts.
+is training, the first queued run starts as its own process, together with the queued runs right after it that
+share its base model and precision (one process, one loaded copy of the base: trainer/multi_run.py). The queue is
+a file, so it survives closing the browser and restarting the app; a run that fails or crashes simply ends, and
+the next one starts.
 """
 from __future__ import annotations
 
@@ -82,17 +84,42 @@ class RunQueue:
             names = self.names()
             if not names or self.jobs.active() is not None:
                 return None
-            name = names[0]
+            name, group = names[0], self._together(names)
             run_dir = self.jobs.runs_dir / name
             try:
-                self.jobs.start(run_dir, (run_dir / "config.toml").read_text(encoding="utf-8"))
+                if len(group) > 1:
+                    self.jobs.start_together([self.jobs.runs_dir / n for n in group])
+                else:
+                    self.jobs.start(run_dir, (run_dir / "config.toml").read_text(encoding="utf-8"))
             except Busy:
                 return None  # someone pressed Start in the same instant: wait for that one
             except (UserError, OSError) as e:  # this run cannot start at all: the others still can
                 self.last_error = f"Queued run '{name}' was skipped: {e}"
                 log.warning(self.last_error)
-            self._write(names[1:])
+                group = [name]
+            self._write(names[len(group):])
             return name
+
+    def _together(self, names: list[str]) -> list[str]:
+        """The first queued run and the consecutive ones after it that can train with it in one process on one
+        loaded base model: the same base model, family and precision (trainer/multi_run.py's check)."""
+        from trainer.config import load_config
+        from trainer.errors import StudioError
+        from trainer.multi_run import check_together
+
+        group, cfgs = names[:1], []
+        for name in names:
+            run_dir = self.jobs.runs_dir / name
+            try:
+                cfg = load_config(run_dir / "config.toml")
+                check_together(cfgs + [cfg])
+                if cfgs:
+                    self.jobs.refuse_existing(run_dir)  # it would be refused: it goes alone, with the reason
+            except (StudioError, UserError, OSError, ValueError):
+                break
+            cfgs.append(cfg)
+            group = names[:len(cfgs)]
+        return group
 
     def run_in_background(self, interval_s: float = 2.0) -> None:
         if self._thread is not None:

@@ -80,3 +80,33 @@ def test_a_queued_name_that_cannot_start_is_skipped_with_a_reason(setup):
     assert read_events(runs / "x") == [{"t": 1, "event": "checkpoint", "step": 3, "path": "p"}]
     assert queue.tick() == "y"
     wait_for(lambda: jobs.view(runs / "y").status == "done")
+
+
+def test_queued_runs_sharing_a_base_model_train_together_in_one_process(tmp_path):
+    """The real trainer on the demo model: consecutive queued runs with the same base model and precision start as
+    one process (trainer/multi_run.py); one with another precision waits for its own."""
+    from trainer.config import PROJECT_ROOT, build_config
+
+    runs = tmp_path / "runs"
+    jobs = Jobs(runs)  # the real trainer command
+    queue = RunQueue(jobs)
+
+    def config(name: str, precision: str = "no") -> str:
+        return build_config({
+            "preset": "demo", "data": {"dataset": str(PROJECT_ROOT / "datasets" / "demo-style")},
+            "training": {"steps": 2, "batch_size": 1, "mixed_precision": precision},
+            "sample": {"every_n_steps": 0, "steps": 1}, "evaluation": {"at_checkpoints": "off"},
+            "output": {"name": name, "lora_dir": str(tmp_path / "Lora"), "run_dir": str(runs / name)}}).to_toml()
+    for name, precision in (("a", "no"), ("b", "no"), ("c", "bf16")):
+        queue.add(runs / name, config(name, precision))
+    try:
+        assert queue.tick() == "a"
+        assert queue.names() == ["c"]  # another precision: not in a and b's process
+        assert (runs / "a" / "train.pid").read_text() == (runs / "b" / "train.pid").read_text()
+        wait_for(lambda: all(jobs.view(runs / n).status == "done" for n in "ab"), timeout=240)
+        assert (tmp_path / "Lora" / "a.safetensors").exists() and (tmp_path / "Lora" / "b.safetensors").exists()
+        assert not (runs / "c" / "events.jsonl").exists()
+    finally:
+        for run in jobs.runs():
+            if jobs.is_running(run):
+                jobs.stop(run)
