@@ -230,7 +230,8 @@ class Jobs:
                                     stdin=subprocess.DEVNULL, **platform)
         for other in together:  # one process, one log: the others' train.log says where it is
             with open(other / "train.log", "a", encoding="utf-8") as log:
-                log.write(f"training together with '{run_dir.name}' in one process: its log is {run_dir / 'train.log'}\n")
+                log.write(f"training together with '{run_dir.name}' in one process: its log is "
+                          f"{run_dir / 'train.log'}\n")
         for each in (run_dir, *together):
             self._procs[each] = proc
             # Only the UI writes the pid file (a trainer started from a terminal is not the UI's job): it lets a

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-sd15", action="store_true")
     ap.add_argument("--json", help="where to write the results")
     args = ap.parse_args(argv)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="multi-run-") as tmp:
         work = Path(tmp)
         print(f"3 demo runs, {args.steps} steps each", flush=True)
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
                 spawn({"kind": "build", "seed": 0, "model": str(model)}, work / "build")
             print(f"2 SD 1.5 runs at 256 px, {args.sd15_steps} steps each", flush=True)
             results["sd15_256"] = measure(sd15_configs(work, model, args.sd15_steps), work / "sd15-runs")
-    out = Path(args.json) if args.json else ROOT / "runs" / "benchmark" / f"multi-run-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.json) if args.json else ROOT / "runs" / "benchmark" / f"multi-run-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(f"wrote {out}")
