@@ -8,8 +8,10 @@ others), one run sampling during training."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,43 @@ def test_cli_trains_several_configs_and_refuses_mismatches(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"a: saved {a.output_path()}" in done.stdout and f"b: saved {b.output_path()}" in done.stdout
     assert read_lora(a.output_path())[0].keys() == read_lora(b.output_path())[0].keys()
+
+
+def test_a_run_whose_folder_is_in_use_is_refused_alone_and_writes_nothing_there(alone, tmp_path):
+    from trainer.locks import LockedError, run_lock
+
+    busy, good = demo(tmp_path, "busy"), demo(tmp_path, "style", **RUNS["style"])
+    busy.run_path().mkdir(parents=True)
+    held = run_lock(busy.run_path())  # another training holds it
+    try:
+        refused, out = train_many([busy, good])
+    finally:
+        held.release()
+    assert isinstance(refused, LockedError)
+    assert not (busy.run_path() / "events.jsonl").exists()
+    assert_same_lora(out, alone["style"])
+
+
+def test_sigint_stops_every_run_with_its_checkpoint(tmp_path):
+    cfgs = [demo(tmp_path, "a", training={"steps": 400}), demo(tmp_path, "b", "demo-character", training={"steps": 400})]
+    args = []
+    for cfg in cfgs:
+        (tmp_path / f"{cfg.output.name}.toml").write_text(cfg.to_toml())
+        args += ["--config", str(tmp_path / f"{cfg.output.name}.toml")]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 180
+        while not all(any(e["event"] == "step" for e in read_events(c.run_path())) for c in cfgs):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-2000:]
+    for cfg in cfgs:
+        stopped = read_events(cfg.run_path())[-1]
+        assert stopped["event"] == "stopped" and 0 < stopped["step"] < 400 and Path(stopped["checkpoint"]).is_dir()
+        assert f"{cfg.output.name}: stopped; a checkpoint was saved" in out
+        assert not cfg.output_path().exists()

@@ -77,7 +77,7 @@ class Member:
     """One run of several: its own state between turns."""
     cfg: TrainConfig
     adapter: str
-    events: EventLog
+    events: EventLog | None = None  # once its folder is claimed: a refused run writes nothing into another's
     held: object = None  # run_folder.Claim
     accelerator: object = None
     run: Run | None = None
@@ -99,7 +99,7 @@ def train_many(cfgs: list[TrainConfig], resume: bool = False, stop: StopRequeste
     elif device.type == "cpu":
         keep_freed_memory()
     precision = resolve_precision(cfgs[0].training.mixed_precision, device)
-    members = [Member(cfg, f"run{i}_", EventLog(cfg.run_path())) for i, cfg in enumerate(cfgs)]
+    members = [Member(cfg, f"run{i}_") for i, cfg in enumerate(cfgs)]
     stop = stop or StopRequested()
     try:
         with stop_on_signals(stop):
@@ -117,6 +117,7 @@ def _claim(m: Member, resume: bool, overwrite: bool, precision: str, device: tor
     preflight.check_writable(m.cfg.run_path(), "the run folder")
     preflight.check_writable(m.cfg.output_path().parent, "the LoRA folder")
     m.held = claim(m.cfg, resume, overwrite)
+    m.events = EventLog(m.cfg.run_path())
     m.accelerator = make_accelerator(precision, cpu=device.type == "cpu",
                                      unused_parameters=m.cfg.network.train_text_encoder)
     if m.accelerator.num_processes > 1:
@@ -130,10 +131,12 @@ def _guard(m: Member, work: Callable[[], None], resume: bool) -> None:
         work()
     except Stopped:
         last = latest_checkpoint(m.cfg.run_path()) if resume else None
-        m.events.emit("stopped", step=int(last.name.split("_")[1]) if last else 0, checkpoint=last and str(last))
+        if m.events is not None:
+            m.events.emit("stopped", step=int(last.name.split("_")[1]) if last else 0, checkpoint=last and str(last))
         m.over, m.result = True, None
     except Exception as e:  # noqa: BLE001 (each run's failure is its own: the error event, and the others go on)
-        m.events.emit("error", message=" ".join(f"{type(e).__name__}: {e}".split()))
+        if m.events is not None:
+            m.events.emit("error", message=" ".join(f"{type(e).__name__}: {e}".split()))
         m.over, m.result = True, e
 
 
