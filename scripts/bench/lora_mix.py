@@ -1,6 +1,6 @@
 """What a LoRA mix costs per image: merged into the weights (the Generator) against diffusers' unmerged adapters.
 
-    .venv/bin/python scripts/bench/lora_mix.py [--steps 20] [--size 256] [--rank 16] [--threads 1]
+    .venv/bin/python scripts/bench/lora_mix.py [--steps 20] [--size 256] [--rank 16] [--threads 1] [--repeats 3]
 
 Full-size SD 1.5 topology (trainer/model_configs/sd1) with seeded random weights, built in memory: nothing is
 downloaded or written but three rank-16 kohya LoRAs on the UNet's 192 attention modules and the text encoder's 72
@@ -90,8 +90,12 @@ def run(args) -> dict:
 
     from trainer.families import FAMILIES
     from trainer.generate import Generator, LoraSpec, render
+    from trainer.memory import keep_freed_memory
 
     torch.set_num_threads(args.threads)
+    # As Generator.load does on a CPU. Without it glibc maps and unmaps each step's big blocks by a threshold that
+    # moves as blocks are freed, so the same base image took 46 to 54 s depending on what ran before it.
+    keep_freed_memory()
     pipe = build_pipeline()
     folder = Path(tempfile.mkdtemp(prefix="lora-mix-bench-"))
     loras = write_loras(pipe, folder, args.rank)
@@ -116,6 +120,16 @@ def run(args) -> dict:
     rows["change 1"] = timed(lambda: gen.set_loras(changed), "change 1")
     moved = [LoraSpec(str(p), w) for p, w in zip(loras, (0.2, 0.4, 0.9))]
     rows["change 3"] = timed(lambda: gen.set_loras(moved), "change 3")
+    # Base and merged side by side, alternating: the rows above are minutes apart, and a busy machine drifts by
+    # more than the 3% target between them. The ratio of each adjacent pair, their median is the target's.
+    paired = []
+    for i in range(args.repeats):
+        gen.set_loras([])
+        b = timed(image([]), f"pair {i + 1}: base")
+        gen.set_loras(three)
+        paired.append(timed(image(three), f"pair {i + 1}: merged 3")["cpu_s"] / b["cpu_s"])
+    rows["paired merged 3 / base"] = {"cpu_s": sorted(paired)[len(paired) // 2], "wall_s": float("nan"),
+                                      "each": paired}
     gen.set_loras([])
 
     # the previous Generator: PEFT adapters, weighted per part with set_adapters, computed every step
@@ -142,6 +156,7 @@ def report(rows: dict, args) -> dict:
     ratios = {
         "merged 1 / base": rows["merged 1"]["cpu_s"] / base,
         "merged 3 / base (target ≤ 1.03)": rows["merged 3"]["cpu_s"] / base,
+        "merged 3 / base, adjacent pairs, median (target ≤ 1.03)": rows["paired merged 3 / base"]["cpu_s"],
         "unmerged 1 / base (before)": rows["unmerged 1"]["cpu_s"] / base,
         "unmerged 3 / base (before)": rows["unmerged 3"]["cpu_s"] / base,
         "merged 3 / unmerged 3": rows["merged 3"]["cpu_s"] / rows["unmerged 3"]["cpu_s"],
@@ -152,7 +167,8 @@ def report(rows: dict, args) -> dict:
           f"{args.threads} thread(s), rank-{args.rank} UNet+TE LoRAs")
     print(f"{'row':<14}{'CPU s':>10}{'wall s':>10}")
     for name, r in rows.items():
-        print(f"{name:<14}{r['cpu_s']:>10.2f}{r['wall_s']:>10.2f}")
+        if "each" not in r:
+            print(f"{name:<14}{r['cpu_s']:>10.2f}{r['wall_s']:>10.2f}")
     for name, v in ratios.items():
         print(f"{v:7.3f}  {name}")
     return {"rows": rows, "ratios": ratios, "args": vars(args)}
@@ -164,6 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="base / merged pairs timed side by side")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
     result = report(run(args), args)
