@@ -183,9 +183,7 @@ class Jobs:
             self.refuse_if_busy()
             self.refuse_existing(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "events.jsonl").unlink(missing_ok=True)  # an earlier attempt that failed before any step
-            with self._view_lock:
-                self._views.pop(run_dir, None)
+            self._fresh(run_dir)
             write_text(run_dir / "config.toml", config_text)
             self._spawn(run_dir, resume=False)
 
@@ -198,10 +196,14 @@ class Jobs:
             for run_dir in run_dirs:
                 self.refuse_existing(run_dir)
             for run_dir in run_dirs:
-                (run_dir / "events.jsonl").unlink(missing_ok=True)
-                with self._view_lock:
-                    self._views.pop(run_dir, None)
+                self._fresh(run_dir)
             self._spawn(run_dirs[0], resume=False, together=run_dirs[1:])
+
+    def _fresh(self, run_dir: Path) -> None:
+        """Forget an earlier attempt that failed before any step: its events and what the page was shown of it."""
+        (run_dir / "events.jsonl").unlink(missing_ok=True)
+        with self._view_lock:
+            self._views.pop(run_dir, None)
 
     def resume(self, run_dir: Path) -> None:
         run_dir = Path(run_dir)

@@ -104,8 +104,13 @@ def _train_together(args, configs: list[str]) -> int:
         print(f"{cfg.output.name}: error: {one_line(out)}", file=sys.stderr)
         if not isinstance(out, USER_ERRORS):
             traceback.print_exception(out)
-        code = max(code, 2 if isinstance(out, (StudioError, FileNotFoundError)) else 1)
+        code = max(code, _exit_code(out))
     return code
+
+
+def _exit_code(e: BaseException) -> int:
+    """2: the user's to fix (trainer/errors.py); 1: the disk or the system refused, or a bug."""
+    return 2 if isinstance(e, (StudioError, FileNotFoundError)) else 1
 
 
 def _lora_arg(item: str):
@@ -341,13 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StudioError, FileNotFoundError) as e:
-        # The user's to fix (trainer/errors.py): one clear line, no stack trace. Bugs still raise with their trace.
+    except (StudioError, OSError) as e:
+        # The user's to fix, or the disk's (full, read-only, permissions): one clear line, no stack trace. Bugs
+        # still raise with their trace.
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the disk or the system refused (full, read-only, permissions): not a bug of ours
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return _exit_code(e)
     except KeyboardInterrupt:  # generate / inspect / dataset: nothing to save
         print("interrupted", file=sys.stderr)
         return 130
