@@ -83,6 +83,25 @@ def test_stripe_score_separates_striped_from_flat_figures():
     assert max(flat) < 0.1 < 0.2 < min(banded)
 
 
+def test_check_score_separates_checks_from_stripes_and_flat_figures():
+    def scores(fill, seed):
+        scenes = [world.with_fill(s, fill) for s in world.scenes(60, seed, shapes=world.FIGURES)]
+        return [metrics.check_score(degrade(world.render(s), i)) for i, s in enumerate(scenes)]
+
+    assert max(scores("plain", 21) + scores("stripes", 22)) < 0.1 < 0.18 < min(scores("checks", 23))
+    # And the stripe score does not mistake checks for stripes.
+    checks = [world.with_fill(s, "checks") for s in world.scenes(60, 24, shapes=world.FIGURES)]
+    assert np.mean([metrics.stripe_score(world.render(s)) for s in checks]) < 0.15
+
+
+def test_edge_width_measures_the_blur_of_a_figure_edge():
+    scenes = world.scenes(30, 25)
+    crisp = [metrics.edge_width(world.render(s)) for s in scenes]
+    soft = [metrics.edge_width(world.render(s).filter(ImageFilter.GaussianBlur(1.5))) for s in scenes]
+    assert max(crisp) < 1.2 < 2.5 < min(soft)
+    assert np.isnan(metrics.edge_width(Image.new("RGB", (64, 64), world.BACKGROUNDS["gray"])))
+
+
 def test_character_score_finds_the_mushroom_at_any_place_and_size():
     assert metrics.character_score(world.render(world.Scene("mushroom", "red", "white", 32, 32, 26))) > 0.95
     mushrooms = [metrics.character_score(degrade(world.render(s), i))
@@ -94,8 +113,8 @@ def test_character_score_finds_the_mushroom_at_any_place_and_size():
     assert metrics.character_score(world.render(striped)) > 0.85
 
 
-def test_best_fit_names_every_figure_plain_or_striped():
-    for fill, seed in (("plain", 17), ("stripes", 18)):
+def test_best_fit_names_every_figure_whatever_its_fill():
+    for fill, seed in (("plain", 17), ("stripes", 18), ("checks", 19)):
         scenes = [world.with_fill(s, fill) for s in world.scenes(60, seed, shapes=world.FIGURES)]
         assert {s.shape for s in scenes} == set(world.FIGURES)
         assert all(metrics.best_fit(degrade(world.render(s), i)) == s.shape for i, s in enumerate(scenes))
@@ -141,13 +160,16 @@ def test_demo_sets_show_what_their_captions_say():
     style = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
              for p in sorted((ROOT / "datasets" / "demo-style").glob("*.png"))]
     assert all(cap.endswith(world.STYLE_TRIGGER) and metrics.stripe_score(im) > 0.25 for im, cap in style)
+    checks = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
+              for p in sorted((ROOT / "datasets" / "demo-checks").glob("*.png"))]
+    assert all(cap.endswith(world.CHECKS_TRIGGER) and metrics.check_score(im) > 0.2 for im, cap in checks)
     character = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
                  for p in sorted((ROOT / "datasets" / "demo-character").glob("*.png"))]
     for im, cap in character:
         assert world.CHARACTER_NAME in cap.split() and metrics.character_score(im) > 0.9
         assert metrics.colour_score(im, cap.split()[1]) > 0.9  # "a <colour> zorbo on …"
     # Every colour and every background appears in each set.
-    for pairs in (style, character):
+    for pairs in (style, checks, character):
         words = {w for _, cap in pairs for w in cap.replace(",", " ").split()}
         assert set(world.COLOURS) <= words and set(world.BACKGROUNDS) <= words
 

@@ -3,10 +3,14 @@
 They judge generated pictures of the shape world (trainer/demo/world.py), where nothing is known but the prompt:
 - stripe_score: the demo style. How much brightness changes from row to row inside the figure: 0 for a flat
   fill, about 0.4 for the world's stripes.
+- check_score: the second demo style (a checkerboard). The brightness inside the figure that its rows (or its
+  columns) do not explain: about 0 for a flat fill and for stripes, 0.2-0.4 for the world's checks.
 - character_score: the demo character. Overlap (IoU) of the figure's silhouette with the character's template,
   both scaled to their bounding box: about 0.9–1 for the mushroom at any place and size, 0.4–0.72 for the base
   shapes. best_fit names the template a silhouette overlaps most, for a yes/no per picture.
 - colour_score: the content. Of the coloured pixels, the share whose hue is nearest the prompted colour's.
+- edge_width: crispness. Pixels of blend between figure and background per pixel of outline: about 1 for the
+  world's own (anti-aliased) rendering, 2-3 for a soft blob.
 
 All take a PIL image (or an [H, W, 3] float array in [0, 1]) and return a float in [0, 1].
 """
@@ -67,6 +71,27 @@ def stripe_score(image) -> float:
         return 0.0
     row_value = (inside * arr.max(-1)).sum(1)[rows] / count[rows]
     return float(min(1.0, row_value.std() / max(row_value.mean(), 1e-6)))
+
+
+def check_score(image) -> float:
+    """Relative spread of the figure's brightness left over after its row means, or its column means, are taken out
+    (whichever leaves less).
+
+    A checkerboard's rows and columns all average the same, so taking out either leaves all of its pattern;
+    stripes vary by row only (or by column), and a flat fill not at all, so one of the two leaves them near 0.
+    Only the figure's core counts, as in stripe_score.
+    """
+    arr = as_array(image)
+    inside = core(foreground(arr))
+    if inside.sum() < 4 * MIN_ROW_PIXELS:
+        return 0.0
+    value = arr.max(-1)
+    mean = value[inside].mean()
+    left = []
+    for axis in (1, 0):
+        means = (inside * value).sum(axis, keepdims=True) / np.maximum(inside.sum(axis, keepdims=True), 1)
+        left.append((value - means)[inside].std())
+    return float(min(1.0, min(left) / max(mean, 1e-6)))
 
 
 def silhouette(mask: np.ndarray) -> np.ndarray | None:
@@ -141,12 +166,40 @@ def colour_score(image, colour: str) -> float:
     return float((nearest == names.index(colour)).mean())
 
 
+def edge_width(image) -> float:
+    """Mean width, in pixels, of the band where the picture blends from background to figure.
+
+    Each pixel's blend is its distance from the background colour over the figure colour's (the median of the
+    figure's core): 0 = background, 1 = figure. Pixels between 0.15 and 0.85 are the blend band; its area over the
+    outline's length (the hard figure's pixels that touch the background) is its width. A world rendering
+    (supersampled, box-filtered) measures about 1; every pixel a blur adds to the edge adds about 1. NaN when the
+    picture has no figure to measure.
+    """
+    arr = as_array(image)
+    bg = background(arr)
+    hard = foreground(arr) > 0.5
+    inside = core(foreground(arr))
+    if inside.sum() < 9:
+        return float("nan")
+    fg = np.median(arr[inside], axis=0)
+    span = np.linalg.norm(fg - bg)
+    if span < FG_FULL:
+        return float("nan")
+    blend = np.clip(((arr - bg) @ (fg - bg)) / span ** 2, 0.0, 1.0)
+    band = ((blend > 0.15) & (blend < 0.85)).sum()
+    padded = np.pad(hard, 1)
+    touches = ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    outline = (hard & touches).sum()
+    return float(band / max(outline, 1))
+
+
 def mean_scores(images, colours: list[str], shape: str = world.CHARACTER_SHAPE) -> dict[str, float]:
     """The scores averaged over pictures; colours[i] is the colour picture i was prompted with.
 
     "drawn" is the share of pictures whose figure fits `shape` best of all the world's figures.
     """
     return {"stripes": float(np.mean([stripe_score(im) for im in images])),
+            "checks": float(np.mean([check_score(im) for im in images])),
             "character": float(np.mean([character_score(im, shape) for im in images])),
             "drawn": float(np.mean([best_fit(im) == shape for im in images])),
             "colour": float(np.mean([colour_score(im, c) for im, c in zip(images, colours)]))}

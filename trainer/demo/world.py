@@ -4,8 +4,9 @@ Everything here is deterministic given a seed, so the demo base model, the demo 
 judge a LoRA can all be rebuilt from code. A picture is described by a `Scene`; `render(scene)` draws it and
 `caption(scene)` says it in words ("a red circle on a white background").
 
-The base model is trained on plain fills of BASE_SHAPES only. Two things exist in this world that the base never
-sees, for the demo LoRAs to teach it: the "stripes" fill (a style) and the "mushroom" figure (a character).
+The base model is trained on plain fills of BASE_SHAPES only. Three things exist in this world that the base never
+sees, for the demo LoRAs to teach it: the "stripes" fill and the "checks" fill (two styles) and the "mushroom"
+figure (a character).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ SIZE = 64  # pixels per side of every world picture
 SUPERSAMPLE = 4  # shapes are drawn 4× larger and box-filtered down: smooth edges, like a real photo's
 STRIPE_PERIOD = 12  # pixels per stripe cycle of the "stripes" fill: half the colour, half a dark shade of it
 STRIPE_SHADE = 0.4  # brightness of the dark bands: the hue stays, so the prompted colour is still the colour
+CHECK_PERIOD = 16  # pixels per cycle of the "checks" fill: 8-pixel squares, two latent cells of the demo model
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -34,7 +36,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 BASE_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 FIGURES = BASE_SHAPES + ("mushroom",)  # "mushroom": the demo character's figure, never shown to the base model
-FILLS = ("plain", "stripes")  # "stripes": the demo style, never shown to the base model
+FILLS = ("plain", "stripes", "checks")  # the two patterned fills: the demo styles, never shown to the base model
 
 # Caption wordings. The base model is trained on all of them so that a word means the same thing wherever it
 # stands in the prompt (its text encoder is a frozen random CLIP: word positions would otherwise matter).
@@ -56,7 +58,7 @@ class Scene:
     cy: float
     radius: float  # half the figure's extent, pixels
     fill: str = "plain"  # one of FILLS
-    phase: float = 0.0  # stripe offset in pixels (stripes only)
+    phase: float = 0.0  # pattern offset in pixels (stripes and checks)
 
 
 def sample_scene(rng: np.random.Generator, shapes=BASE_SHAPES, fill: str = "plain") -> Scene:
@@ -122,13 +124,17 @@ def fill_shade(scene: Scene, size: int = SIZE) -> np.ndarray:
     """Brightness of the figure's colour at each pixel: 1 = the colour, STRIPE_SHADE = its dark shade; [size, size]."""
     if scene.fill == "plain":
         return np.ones((size, size), np.float32)
-    if scene.fill == "stripes":
-        # Horizontal bands, drawn supersampled so that band edges are as smooth as figure edges.
-        k = SUPERSAMPLE
-        y = (np.arange(size * k) + 0.5) / k * SIZE / size + scene.phase
-        on = ((y % STRIPE_PERIOD) < STRIPE_PERIOD / 2).astype(np.float32)
+    # Patterns are drawn supersampled, so that their edges are as smooth as figure edges.
+    k = SUPERSAMPLE
+    pos = (np.arange(size * k) + 0.5) / k * SIZE / size + scene.phase
+    if scene.fill == "stripes":  # horizontal bands
+        on = ((pos % STRIPE_PERIOD) < STRIPE_PERIOD / 2).astype(np.float32)
         rows = STRIPE_SHADE + (1 - STRIPE_SHADE) * on.reshape(size, k).mean(1)
         return np.repeat(rows[:, None], size, axis=1)
+    if scene.fill == "checks":  # a checkerboard of the colour and its dark shade
+        half = ((pos % CHECK_PERIOD) < CHECK_PERIOD / 2)
+        on = (half[:, None] ^ half[None, :]).astype(np.float32)
+        return STRIPE_SHADE + (1 - STRIPE_SHADE) * on.reshape(size, k, size, k).mean((1, 3))
     raise ValueError(f"unknown fill {scene.fill!r}; the world knows: {', '.join(FILLS)}")
 
 
@@ -197,13 +203,15 @@ def with_fill(scene: Scene, fill: str) -> Scene:
 # ---- the two demo datasets (written to datasets/ by scripts/make_demo_datasets.py) -------------------------------
 
 STYLE_TRIGGER = "zebrastyle"  # appended to the style set's captions: "a red circle on a white background, zebrastyle"
+CHECKS_TRIGGER = "checkerstyle"  # the second style's word: "a red circle on a white background, checkerstyle"
 CHARACTER_NAME = "zorbo"  # the character's name stands where a shape's would: "a red zorbo on a white background"
 CHARACTER_SHAPE = "mushroom"  # what a zorbo looks like
-DEMO_SETS = ("demo-style", "demo-character")
+DEMO_SETS = ("demo-style", "demo-character", "demo-checks")
+STYLES = {"demo-style": ("stripes", STYLE_TRIGGER), "demo-checks": ("checks", CHECKS_TRIGGER)}  # set → fill, word
 
 
-def style_prompt(colour: str, shape: str, background: str) -> str:
-    return f"a {colour} {shape} on a {background} background, {STYLE_TRIGGER}"
+def style_prompt(colour: str, shape: str, background: str, trigger: str = STYLE_TRIGGER) -> str:
+    return f"a {colour} {shape} on a {background} background, {trigger}"
 
 
 def character_prompt(colour: str, background: str) -> str:
@@ -221,10 +229,11 @@ def demo_dataset(name: str, n: int = 16, seed: int = 7) -> list[tuple[Scene, str
         colour = colours[i % len(colours)]
         bg = backgrounds[(i + i // len(colours)) % len(backgrounds)]  # each colour on two or three backgrounds
         base = sample_scene(rng)
-        if name == "demo-style":
+        if name in STYLES:
+            fill, trigger = STYLES[name]
             shape = BASE_SHAPES[i % len(BASE_SHAPES)]
-            scene = replace(base, shape=shape, colour=colour, background=bg, fill="stripes")
-            items.append((scene, style_prompt(colour, shape, bg)))
+            scene = replace(base, shape=shape, colour=colour, background=bg, fill=fill)
+            items.append((scene, style_prompt(colour, shape, bg, trigger)))
         else:
             scene = replace(base, shape=CHARACTER_SHAPE, colour=colour, background=bg)
             items.append((scene, character_prompt(colour, bg)))
