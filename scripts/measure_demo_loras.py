@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 
+import numpy as np
 import torch
 from PIL import Image
 
 from trainer.config import PROJECT_ROOT as ROOT
 from trainer.demo import metrics, world
-from trainer.demo.evaluate import (SEEDS, character_prompts, demo_config, pictures,
-                                   style_prompts)
+from trainer.demo.evaluate import (SEEDS, STYLE_WEIGHTS, character_prompts, demo_config, pictures,
+                                   style_prompts, style_sweep)
 from trainer.generate import Generator
 from trainer.loop import train
 from trainer.models import DEMO_MODEL_DIR
@@ -74,10 +75,18 @@ def main(argv=None) -> None:
 
     gen = Generator()
     gen.load(DEMO_MODEL_DIR)
-    style, style_colours = style_prompts()
+    report = {}
+    for dataset in world.STYLES:
+        report[dataset] = style_sweep(gen, dataset, loras[dataset])
+        for weight, row in report[dataset].items():
+            print(f"{dataset:14s} w={weight:<5g} pattern {row['pattern']:.3f}  colour kept {row['colour_kept']:.2f}  "
+                  f"silhouette IoU {row['shape_kept']:.2f}  shape right {row['shape_right']:.2f}", flush=True)
     character, character_colours = character_prompts()
     stacked = [p + f", {world.STYLE_TRIGGER}" for p in character]
-    runs = [(f"demo-style w={w}", style, style_colours, [(loras["demo-style"], w)]) for w in (0.0, 0.5, 1.0)]
+    runs = [(f"demo-style w={w}", style_prompts()[0], style_prompts()[1], [(loras["demo-style"], w)])
+            for w in STYLE_WEIGHTS]
+    runs += [(f"demo-checks w={w}", style_prompts("demo-checks")[0], style_prompts()[1],
+              [(loras["demo-checks"], w)]) for w in STYLE_WEIGHTS]
     runs += [(f"demo-character w={w}", character, character_colours, [(loras["demo-character"], w)])
              for w in (0.0, 0.5, 1.0)]
     runs += [("stacked w=0", stacked, character_colours, []),
@@ -87,15 +96,19 @@ def main(argv=None) -> None:
     for label, prompts, colours, mix in runs:
         images = pictures(gen, prompts, mix)
         scores = metrics.mean_scores(images, [c for c in colours for _ in SEEDS])
-        print(f"{label:24s} stripes {scores['stripes']:.3f}  character {scores['character']:.3f}  "
-              f"drawn {scores['drawn']:.2f}  colour {scores['colour']:.3f}", flush=True)
+        kept = np.mean([metrics.commonest_colour(im) == c for im, c in zip(images, [c for c in colours for _ in SEEDS])])
+        report[label] = {**scores, "colour_kept": float(kept)}
+        print(f"{label:24s} stripes {scores['stripes']:.3f}  checks {scores['checks']:.3f}  character "
+              f"{scores['character']:.3f}  drawn {scores['drawn']:.2f}  colour {scores['colour']:.3f}  "
+              f"colour kept {kept:.2f}", flush=True)
         rows.append(images)
     grid = Image.new("RGB", (world.SIZE * len(rows[0]), world.SIZE * len(rows)))
     for r, images in enumerate(rows):
         for i, image in enumerate(images):
             grid.paste(image, (i * world.SIZE, r * world.SIZE))
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out / "grid.png")
-    print(f"grid: {out / 'grid.png'}")
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"grid: {out / 'grid.png'}; numbers: {out / 'report.json'}")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,36 @@ def sweep(generator, prompts: list[str], colours: list[str], lora: Path, score,
     return out
 
 
-def style_prompts() -> tuple[list[str], list[str]]:
-    return [world.style_prompt(c, s, b) for c, s, b in STYLE_PROMPTS], [c for c, _, _ in STYLE_PROMPTS]
+def style_prompts(dataset: str = "demo-style") -> tuple[list[str], list[str]]:
+    trigger = world.STYLES[dataset][1]
+    return [world.style_prompt(c, s, b, trigger) for c, s, b in STYLE_PROMPTS], [c for c, _, _ in STYLE_PROMPTS]
+
+
+PATTERN_SCORES = {"stripes": metrics.stripe_score, "checks": metrics.check_score}
+STYLE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def style_sweep(generator, dataset: str, lora: Path, weights=STYLE_WEIGHTS) -> dict[float, dict[str, float]]:
+    """A style LoRA on the held-out style prompts × SEEDS at each weight: weight → {
+    "pattern": the mean score of the set's fill (stripe_score / check_score),
+    "colour_kept": the share of pictures whose commonest hue is the prompted colour,
+    "shape_kept": the mean silhouette IoU with the same prompt and seed at weight 0 (the figure stays put),
+    "shape_right": the share whose figure still fits the prompted shape best of the five}."""
+    score = PATTERN_SCORES[world.STYLES[dataset][0]]
+    prompts, colours = style_prompts(dataset)
+    colours = [c for c in colours for _ in SEEDS]
+    shapes = [s for _, s, _ in STYLE_PROMPTS for _ in SEEDS]
+    plain = pictures(generator, prompts, [(lora, 0.0)])
+    out = {}
+    for weight in weights:
+        images = plain if weight == 0 else pictures(generator, prompts, [(lora, weight)])
+        out[weight] = {
+            "pattern": float(np.mean([score(im) for im in images])),
+            "colour_kept": float(np.mean([metrics.commonest_colour(im) == c for im, c in zip(images, colours)])),
+            "shape_kept": float(np.mean([metrics.silhouette_iou(im, ref) for im, ref in zip(images, plain)])),
+            "shape_right": float(np.mean([metrics.best_fit(im, world.BASE_SHAPES) == s
+                                          for im, s in zip(images, shapes)]))}
+    return out
 
 
 def character_prompts() -> tuple[list[str], list[str]]:

@@ -193,6 +193,20 @@ def edge_width(image) -> float:
     return float(band / max(outline, 1))
 
 
+def silhouette_iou(image, reference) -> float:
+    """IoU of two pictures' figures where they stand (not moved or scaled): is a styled figure still the figure
+    the same seed drew without the style? Patterns do not count: a dark band is figure, not background."""
+    a, b = (foreground(as_array(im)) > 0.5 for im in (image, reference))
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def commonest_colour(image) -> str:
+    """The world colour most of the picture's chromatic pixels are nearest to."""
+    scores = {c: colour_score(image, c) for c in world.COLOURS}
+    return max(scores, key=scores.get)
+
+
 def mean_scores(images, colours: list[str], shape: str = world.CHARACTER_SHAPE) -> dict[str, float]:
     """The scores averaged over pictures; colours[i] is the colour picture i was prompted with.
 
