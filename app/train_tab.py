@@ -204,7 +204,7 @@ def _dataset_section(demo: gr.Blocks, folders: Folders) -> dict:
                                    elem_id="open-path")
             c["open_btn"] = gr.Button("Open", scale=1, elem_id="open-folder")
     c["files"] = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt", ".caption"],
-                         label="Upload images (several files, or a .zip with images and .txt captions)",
+                         label="Upload images and captions (the pictures and their .txt files, or a .zip of them)",
                          elem_id="upload", height=120)
     with gr.Row(visible=False, equal_height=True, elem_id="upload-choice") as c["choice_row"]:
         c["ask"] = gr.Markdown(elem_id="upload-question")

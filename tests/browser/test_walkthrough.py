@@ -151,6 +151,8 @@ def train_lora(page, studio, dataset: str, lora: str, pictures: Pictures, claims
                            arg=[dataset], timeout=30_000)
     files = dataset_files(dataset)
     images = [f for f in files if f.endswith(".png")]
+    box = page.locator("#upload").inner_text()
+    claims.check("Upload images and captions" in box, "the upload box is called Upload images and captions", box)
     upload(page, files)
     message = wait_value(page, "upload-message", r"^Saved \d+ file")
     report = wait_value(page, "dataset-report", r"Usable: (yes|no)")
