@@ -16,6 +16,11 @@ What it showed for the preset (lr 3e-3, 500 steps, rank 8, batch 4; one torch th
 - character: likeness 0.61 → 0.71 → 0.76, drawn 0.12 → 1.00 → 1.00, colour 0.64 → 0.84 → 0.91.
 - both stacked on "a <colour> zorbo on a <background> background, zebrastyle": stripes 0.05 → 0.15, likeness
   0.61 → 0.70, drawn 0.12 → 0.62, colour 0.48 → 0.68.
+- Re-measured 2026-12-05 (--threads 2) with the second style, demo-checks: over weights 0 / 0.25 / 0.5 / 0.75 / 1
+  the stripes go 0.03 / 0.04 / 0.07 / 0.10 / 0.24 with the prompted colour kept in only half the pictures and a
+  silhouette IoU with weight 0 of 0.55 at weight 1; the checks' check_score goes 0.045 → 0.113, while the stripe
+  LoRA alone reaches 0.17 on it: generated stripes wobble, so row means do not explain them, and check_score does
+  not tell the two styles apart on this model's pictures (it does on rendered ones).
 - An earlier character, a little house (a square body under an overhanging roof), did not work: 0.58 → 0.60 at
   500 steps. Blurred by this small model, a house is a square; the mushroom's silhouette (a wide cap over a
   narrow stem) is unlike every base shape even when blurred.
