@@ -33,10 +33,9 @@ def prompts() -> list[tuple[str, str, str, int]]:
 
 
 def judge(image, shape: str, colour: str, bg: str) -> dict[str, float]:
-    hue = {c: metrics.colour_score(image, c) for c in world.COLOURS}
     got_bg = metrics.background(metrics.as_array(image)) * 255
     return {"shape": float(metrics.best_fit(image, world.BASE_SHAPES) == shape),
-            "colour": float(max(hue, key=hue.get) == colour),
+            "colour": float(metrics.commonest_colour(image) == colour),
             "background": float(np.abs(got_bg - np.asarray(world.BACKGROUNDS[bg])).max() < 40),
             "edge": metrics.edge_width(image)}
 

@@ -255,13 +255,19 @@ def same_row(page, elem_id: str, first: str, second: str) -> bool:
 def generate(page, studio, prompt: str) -> Path:
     """Type the prompt and press Generate; the new PNG in outputs/generated once the page shows it."""
     field(page, "gen-prompt").fill(prompt)
-    before = len(generated(studio, "gen"))
-    button(page, "Generate").click()
-    wait_file(studio.outputs_dir / "generated", lambda _: len(generated(studio, "gen")) > before, 600)
-    made = generated(studio, "gen")
-    assert len(made) == before + 1, "Generate wrote one picture to the outputs folder"
-    shown_in_page(page, "gen-image", made[-1])
-    progress = page.locator("#gen-progress [data-phase]")
+    return press_for_picture(page, studio, "Generate", "gen")
+
+
+def press_for_picture(page, studio, label: str, kind: str) -> Path:
+    """Press Generate or Sweep; the one new PNG it wrote to outputs/generated, once the page shows it and its
+    progress says done (`kind`: gen or sweep, the file names' and the elements' word)."""
+    before = len(generated(studio, kind))
+    button(page, label).click()
+    wait_file(studio.outputs_dir / "generated", lambda _: len(generated(studio, kind)) > before, 600)
+    made = generated(studio, kind)
+    assert len(made) == before + 1, f"{label} wrote one picture to the outputs folder"
+    shown_in_page(page, f"{kind}-image", made[-1])
+    progress = page.locator(f"#{kind}-progress [data-phase]")
     assert progress.get_attribute("data-phase") == "done", progress.inner_text()
     return made[-1]
 
@@ -297,15 +303,9 @@ def gallery_style(page, studio, pictures: Pictures, claims: Claims) -> Image.Ima
     page.get_by_text("Weight sweep", exact=False).first.click()
     claims.check(field(page, "sweep-lora").input_value() == "demo-style", "the sweep's LoRA is the selected one",
                  field(page, "sweep-lora").input_value())
-    before = len(generated(studio, "sweep"))
-    button(page, "Sweep").click()
-    wait_file(studio.outputs_dir / "generated", lambda _: len(generated(studio, "sweep")) > before, 600)
-    sweeps = generated(studio, "sweep")
-    assert len(sweeps) == before + 1, "Sweep wrote one picture to the outputs folder"
-    shown_in_page(page, "sweep-image", sweeps[-1])
-    assert page.locator("#sweep-progress [data-phase]").get_attribute("data-phase") == "done"
+    sweep = press_for_picture(page, studio, "Sweep", "sweep")
     weights = [float(w) for w in field(page, "sweep-weights").input_value().split(",")]
-    panels = split_sweep(Image.open(sweeps[-1]), len(weights))
+    panels = split_sweep(Image.open(sweep), len(weights))
     pictures.take(page, "sweep", "#sweep-lora", "#sweep-image")
     stripes = [round(metrics.stripe_score(p), 3) for p in panels]
     base, full = panels[weights.index(0.0)], panels[weights.index(1.0)]
