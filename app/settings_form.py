@@ -54,6 +54,9 @@ SETTINGS = [
     Setting("network.train_text_encoder", "Train the text encoder", _check()),
     Setting("training.seed", "Seed", _num()),
     # ---- Advanced --------------------------------------------------------------------------------------
+    Setting("network.conv_rank", "Conv rank (LoCon)",
+            _num("also train the UNet's 3x3 convolutions at this rank: textures learn faster; 0 = off"), True),
+    Setting("network.conv_alpha", "Conv alpha", _num("conv scale = conv alpha / conv rank", integer=False), True),
     Setting("optimizer.optimizer", "Optimizer", _choice("optimizer.optimizer"), True),
     Setting("optimizer.scheduler", "LR scheduler", _choice("optimizer.scheduler"), True),
     Setting("optimizer.warmup_steps", "Warmup steps", _num(), True),

@@ -185,3 +185,46 @@ def test_a_set_described_in_sentences_gives_its_coined_subject_word():
     few = {"a red blorp on white": 1, "a blue cat on gray": 1, "a green cat on black": 1}
     assert trigger_words({"ss_tag_frequency": json.dumps({"set": few}),
                           "ss_dataset_dirs": json.dumps({"set": {"img_count": 3}})}) == []
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_locon_export_loads_whole_in_diffusers_and_reproduces_our_model(family, tmp_path):
+    """network.conv_rank (kohya's conv_dim): ResNet blocks and down/upsamplers are adapted too, the 3x3 convolutions
+    at their own rank and alpha; diffusers' loader takes every key and gives our UNet's output."""
+    pipe, encoders, cfg = trained_pipeline(family, conv_rank=2, conv_alpha=1.0)
+    path = export(pipe, encoders, cfg, tmp_path / "locon.safetensors", dtype=torch.float32, family=family)
+    tensors, meta = read_lora(path)
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    fresh_unet = tiny_models.pipeline(family).unet
+    # kohya's LoCon modules, found by class name: every 3x3 conv of a ResNet block or a down/upsampler.
+    conv_blocks = [n for n, m in fresh_unet.named_modules()
+                   if type(m).__name__ in ("ResnetBlock2D", "Downsample2D", "Upsample2D")]
+    want_3x3 = {f"lora_unet_{b}.{c}".replace(".", "_") for b in conv_blocks
+                for c, m in fresh_unet.get_submodule(b).named_modules()
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)}
+    got_3x3 = {k.split(".")[0] for k, t in tensors.items() if k.endswith("lora_down.weight") and t.dim() == 4
+               and t.shape[-1] == 3}
+    assert got_3x3 == want_3x3 and want_3x3
+    for name in got_3x3:
+        assert tensors[f"{name}.lora_down.weight"].shape[0] == 2 and float(tensors[f"{name}.alpha"]) == 1.0
+    others = {k.split(".")[0] for k in tensors if k.endswith(".alpha")} - got_3x3
+    assert all(float(tensors[f"{n}.alpha"]) == 2.0 and tensors[f"{n}.lora_down.weight"].shape[0] == 4 for n in others)
+    # time_emb_proj (Linear) and conv_shortcut (1x1) of the ResNet blocks come at the main rank, as kohya's do.
+    assert any(n.endswith("time_emb_proj") for n in others)
+
+    fresh = tiny_models.pipeline(family)
+    fresh.load_lora_weights(str(path), adapter_name="ours")
+    loaded = sum(1 for part in [fresh.unet, fresh.text_encoder] + ([fresh.text_encoder_2] if family == "sdxl" else [])
+                 for _, m in part.named_modules() if hasattr(m, "lora_A") and "ours" in m.lora_A)
+    assert loaded == len(others) + len(got_3x3)  # every module of the file became a LoRA layer
+    torch.manual_seed(1)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    ctx = torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    added = ({"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+             if family == "sdxl" else None)
+    with torch.no_grad():
+        ours = pipe.unet(x, t, ctx, added_cond_kwargs=added).sample
+        theirs = fresh.unet(x, t, ctx, added_cond_kwargs=added).sample
+        base = tiny_models.pipeline(family).unet(x, t, ctx, added_cond_kwargs=added).sample
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)

@@ -15,7 +15,7 @@ import torch
 import tiny_models
 from trainer import preflight
 from trainer.cli import main
-from trainer.config import ConfigError, TrainConfig, build_config
+from trainer.config import ConfigError, NetworkConfig, TrainConfig, build_config
 from trainer.data.report import DatasetReport
 from trainer.events import EventLog
 from trainer.generate import Generator, LoraSpec
@@ -152,6 +152,14 @@ def test_rank_and_clip_skip_are_checked_against_the_model():
     preflight.check_rank(min(widths), targets)
     with pytest.raises(preflight.PreflightError, match=f"choose a rank ≤ {min(widths)}"):
         preflight.check_rank(min(widths) + 1, targets)
+    # LoCon: network.conv_rank against the 3x3 convolutions alone, named as such in the message.
+    net = NetworkConfig(rank=min(widths), conv_rank=1)
+    preflight.check_ranks(net, pipe.unet, [pipe.text_encoder])
+    convs = [m for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+             and ("resnets" in n or "samplers" in n)]
+    net.conv_rank = min(min(m.weight.shape[:2]) for m in convs) + 1
+    with pytest.raises(preflight.PreflightError, match="`network.conv_rank` = "):
+        preflight.check_ranks(net, pipe.unet, [pipe.text_encoder])
     layers = pipe.text_encoder.config.num_hidden_layers
     preflight.check_clip_skip(layers - 1, [pipe.text_encoder])
     with pytest.raises(preflight.PreflightError, match="`model.clip_skip` = 100"):

@@ -219,11 +219,10 @@ def test_cli_bake_and_extract_round_trip(world, capsys):
 
 def test_extract_takes_resnet_convolutions_with_a_conv_rank(tmp_path):
     from trainer.lora_file import kohya_module_name
-    from trainer.tools.extract import CONV_BLOCKS
-
     folder = tiny_models.save_diffusers("sd1", tmp_path / "base")
     tuned = tiny_models.pipeline("sd1")
-    convs = [f"{b}.{c}" for b, block in tuned.unet.named_modules() if type(block).__name__ in CONV_BLOCKS
+    convs = [f"{b}.{c}" for b, block in tuned.unet.named_modules()
+             if type(block).__name__ in ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # kohya's LoCon blocks
              for c, m in block.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     changes = low_rank_change(tuned.unet, convs, 2, 3)
     tuned.save_pretrained(str(tmp_path / "tuned"))

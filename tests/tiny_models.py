@@ -98,14 +98,16 @@ def save_diffusers(family: str, path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def lora_pipeline(family: str, rank: int = 4, alpha: float = 2.0, seed: int = 0):
-    """A tiny pipeline with LoRA adapters whose up weights are non-zero, as after training."""
+def lora_pipeline(family: str, rank: int = 4, alpha: float = 2.0, seed: int = 0, conv_rank: int = 0,
+                  conv_alpha: float = 1.0):
+    """A tiny pipeline with LoRA adapters whose up weights are non-zero, as after training; `conv_rank`: LoCon."""
     from trainer.config import TrainConfig
     from trainer.network import add_lora
 
     pipe = pipeline(family)
     cfg = TrainConfig()
     cfg.network.rank, cfg.network.alpha = rank, alpha
+    cfg.network.conv_rank, cfg.network.conv_alpha = conv_rank, conv_alpha
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     add_lora(pipe.unet, encoders, cfg.network)
     gen = torch.Generator().manual_seed(seed)
@@ -128,4 +130,5 @@ def export_kohya(pipe, encoders, cfg, path, dtype=torch.float16, family="sd1"):
                      else ("sd_v1", "stable-diffusion-v1/lora"))
     info = RunInfo(version, arch, "epsilon", "tiny", 10, 1, 3, 0.0, "no", "AdamW",
                    {"10_shapes": {"red": 2}}, {"10_shapes": {"n_repeats": 10, "img_count": 3}}, {})
-    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), build_metadata(cfg, info, Path(path).stem))
+    tensors = to_kohya(parts, cfg.network.alpha, dtype, cfg.network.conv_alpha)
+    return save_lora(path, tensors, build_metadata(cfg, info, Path(path).stem))

@@ -70,6 +70,10 @@ class NetworkConfig:
     dropout: float = 0.0  # dropout on the LoRA branch input
     train_text_encoder: bool = True  # False: UNet-only LoRA (text-encoder outputs can then be cached)
     init_weights: str = "gaussian"  # gaussian | zeros | kaiming; up (lora_B) always starts at zero
+    # LoCon (kohya's conv_dim / conv_alpha): > 0 also trains the UNet's ResNet blocks, their 3x3 convolutions at
+    # this rank. Textures and fine detail learn faster; A1111 ≥ 1.5, ComfyUI and diffusers load it. 0 = off.
+    conv_rank: int = 0
+    conv_alpha: float = 1.0  # conv update scale is conv_alpha / conv_rank (kohya's default conv_alpha is 1)
 
 
 @dataclass
@@ -201,6 +205,8 @@ RANGES: dict[str, tuple[float, float | None, bool, str]] = {
     "network.rank": (1, None, False, "4-32 for styles, 32+ for detailed characters"),
     "network.alpha": (0, None, True, "the usual choice is rank/2 or rank"),
     "network.dropout": (0, 1, False, "a probability"),
+    "network.conv_rank": (0, None, False, "0 = off; 4-16 is usual for LoCon styles"),
+    "network.conv_alpha": (0, None, True, "1 is kohya's default; conv_rank/2 or conv_rank train faster"),
     "optimizer.learning_rate": (0, None, True, "1e-4 is usual for AdamW, 1.0 for Prodigy"),
     "optimizer.unet_lr": (0, None, False, "0 = the learning rate"),
     "optimizer.text_encoder_lr": (0, None, False, "0 = the learning rate"),

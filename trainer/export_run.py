@@ -38,7 +38,7 @@ def export_lora(cfg: TrainConfig, lora: dict[str, dict[str, torch.Tensor]], path
     n_te = 2 if is_sdxl else 1
     prefixes = dict(zip(part_names(n_te), text_encoder_prefixes(n_te)))
     parts = {("lora_unet_" if name == "unet" else prefixes[name]): state for name, state in lora.items()}
-    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype), meta)
+    return save_lora(path, to_kohya(parts, cfg.network.alpha, dtype, cfg.network.conv_alpha), meta)
 
 
 def thumbnail(image) -> str:

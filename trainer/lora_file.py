@@ -42,8 +42,10 @@ def kohya_module_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
-def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """PEFT states (`{prefix: {"<path>.lora_A.weight": …}}`) → one kohya state dict."""
+def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float16,
+             conv_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """PEFT states (`{prefix: {"<path>.lora_A.weight": …}}`) → one kohya state dict. `conv_alpha`: the alpha of
+    3x3 convolutions (LoCon's conv_alpha), told apart by their down weight's kernel; None = `alpha` for all."""
     out: dict[str, torch.Tensor] = {}
     for prefix, state in parts.items():
         for key, tensor in state.items():
@@ -51,7 +53,10 @@ def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: tor
             name = kohya_module_name(prefix, path)
             role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
             out[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            if role == "lora_down.weight":
+                is_3x3 = tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1)
+                a = conv_alpha if is_3x3 and conv_alpha is not None else alpha
+                out[f"{name}.alpha"] = torch.tensor(float(a), dtype=torch.float32)
     return out
 
 

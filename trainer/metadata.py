@@ -33,6 +33,14 @@ class RunInfo:
     thumbnail: str = ""  # data URL of a sample image
 
 
+def network_args(net) -> dict:
+    """What besides rank/alpha shaped the network; LoCon's as kohya's --network_args records them (strings)."""
+    args: dict = {"dropout": net.dropout} if net.dropout else {}
+    if net.conv_rank:
+        args.update(conv_dim=str(net.conv_rank), conv_alpha=str(net.conv_alpha))
+    return args
+
+
 def build_metadata(cfg: TrainConfig, info: RunInfo, stem: str) -> dict[str, str]:
     net, opt, tr = cfg.network, cfg.optimizer, cfg.training
     is_sdxl = info.family_version.startswith("sdxl")
@@ -44,7 +52,7 @@ def build_metadata(cfg: TrainConfig, info: RunInfo, stem: str) -> dict[str, str]
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(net.rank),
         "ss_network_alpha": str(net.alpha),
-        "ss_network_args": json.dumps({"dropout": net.dropout} if net.dropout else {}),
+        "ss_network_args": json.dumps(network_args(net)),
         # Read by A1111's extra-networks page.
         "ss_output_name": stem,
         "ss_sd_model_name": info.base_model_name,

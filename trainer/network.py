@@ -4,12 +4,21 @@ Targets are kohya's defaults so that an export covers exactly what A1111/ComfyUI
 every Linear and 1x1 Conv2d inside a Transformer2DModel of the UNet (192 modules for SD 1.x/2.x, 722 for SDXL)
 and q/k/v/out_proj + fc1/fc2 of every CLIP layer (72 for CLIP-L, 192 for OpenCLIP-G). All four attention
 projections are always trained together: loaders skip partial sets.
+
+With network.conv_rank > 0 (kohya's conv_dim, "LoCon") the UNet's ResNet blocks and down/upsamplers are adapted
+too, as kohya does: their 3x3 convolutions at conv_rank / conv_alpha, their Linear and 1x1 convolutions
+(time_emb_proj, conv_shortcut) at rank / alpha. Convolutions paint texture and fine detail, which the attention
+layers reach only through the blocks around them, so a style learns faster; opt-in, because older loaders drop
+3x3 entries (formats.md).
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import re
+
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -40,17 +49,31 @@ def _layers(model: torch.nn.Module):
         yield name, base_layer(module)
 
 
-def unet_target_names(unet: torch.nn.Module) -> list[str]:
-    """Full module paths of every Linear / 1x1 Conv2d inside a Transformer2DModel."""
+CONV_BLOCKS = (ResnetBlock2D, Downsample2D, Upsample2D)  # kohya's UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
+
+
+def _is_3x3(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def unet_target_names(unet: torch.nn.Module, conv: bool = False) -> list[str]:
+    """Full module paths of every Linear / 1x1 Conv2d inside a Transformer2DModel; with `conv`, also every Linear
+    and Conv2d inside a ResNet block or a down/upsampler (LoCon)."""
     names = []
     for block_name, block in unet.named_modules():
-        if not isinstance(block, Transformer2DModel):
+        in_conv_block = conv and isinstance(block, CONV_BLOCKS)
+        if not (isinstance(block, Transformer2DModel) or in_conv_block):
             continue
         for name, module in _layers(block):
             is_1x1 = isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
-            if isinstance(module, torch.nn.Linear) or is_1x1:
+            if isinstance(module, torch.nn.Linear) or is_1x1 or (in_conv_block and _is_3x3(module)):
                 names.append(f"{block_name}.{name}")
     return names
+
+
+def conv_target_names(unet: torch.nn.Module, names: list[str]) -> list[str]:
+    """Those of `names` that are 3x3 (or larger) convolutions: the modules at network.conv_rank."""
+    return [n for n in names if _is_3x3(base_layer(unet.get_submodule(n)))]
 
 
 def text_target_names(text_encoder: torch.nn.Module) -> list[str]:
@@ -59,10 +82,14 @@ def text_target_names(text_encoder: torch.nn.Module) -> list[str]:
             and ".layers." in name]
 
 
-def lora_config(net: NetworkConfig, targets: list[str]) -> LoraConfig:
-    # Full paths as targets: PEFT matches by suffix, and a full path matches exactly one module.
+def lora_config(net: NetworkConfig, targets: list[str], conv_targets: list[str] = ()) -> LoraConfig:
+    """`conv_targets` (a subset of `targets`) get network.conv_rank / conv_alpha instead of rank / alpha."""
+    # Full paths as targets: PEFT matches by suffix, and a full path matches exactly one module. The patterns are
+    # regular expressions matched at the end of a module's path: escaped, a path matches only itself.
+    conv = [re.escape(n) for n in conv_targets]
     return LoraConfig(r=net.rank, lora_alpha=net.alpha, lora_dropout=net.dropout, target_modules=targets,
-                      init_lora_weights=_INIT[net.init_weights])
+                      init_lora_weights=_INIT[net.init_weights],
+                      rank_pattern={n: net.conv_rank for n in conv}, alpha_pattern={n: net.conv_alpha for n in conv})
 
 
 def add_lora(unet, text_encoders: list, net: NetworkConfig, adapter: str = ADAPTER) -> None:
@@ -71,7 +98,8 @@ def add_lora(unet, text_encoders: list, net: NetworkConfig, adapter: str = ADAPT
     unet.requires_grad_(False)
     with warnings.catch_warnings():  # PEFT warns of a second adapter on a model: several runs mean to (multi_run.py)
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        unet.add_adapter(lora_config(net, unet_target_names(unet)), adapter_name=adapter)
+        targets = unet_target_names(unet, conv=net.conv_rank > 0)
+        unet.add_adapter(lora_config(net, targets, conv_target_names(unet, targets)), adapter_name=adapter)
         for te in text_encoders:
             te.requires_grad_(False)
             if net.train_text_encoder:

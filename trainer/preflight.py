@@ -92,19 +92,28 @@ def narrowest_layer(modules: list[tuple[str, torch.nn.Module]]) -> tuple[int, st
     return best
 
 
-def lora_targets(unet, text_encoders: list) -> list[tuple[str, torch.nn.Module]]:
-    """The modules the LoRA will adapt (network.py's targets), by name."""
+def lora_targets(unet, text_encoders: list, conv: bool = False) -> list[tuple[str, torch.nn.Module]]:
+    """The modules the LoRA will adapt (network.py's targets), by name; `conv`: with LoCon's."""
     from .network import base_layer, text_target_names, unet_target_names
 
-    out = [(n, base_layer(unet.get_submodule(n))) for n in unet_target_names(unet)]
+    out = [(n, base_layer(unet.get_submodule(n))) for n in unet_target_names(unet, conv=conv)]
     return out + [(n, base_layer(te.get_submodule(n))) for te in text_encoders for n in text_target_names(te)]
 
 
-def check_rank(rank: int, targets: list[tuple[str, torch.nn.Module]]) -> None:
+def check_rank(rank: int, targets: list[tuple[str, torch.nn.Module]], key: str = "network.rank") -> None:
     width, name = narrowest_layer(targets)
     if name and rank > width:
-        raise PreflightError(f"`network.rank` = {rank} is wider than the narrowest layer it adapts ({name}: {width} "
+        raise PreflightError(f"`{key}` = {rank} is wider than the narrowest layer it adapts ({name}: {width} "
                              f"features), so it adds nothing but memory; choose a rank ≤ {width}")
+
+
+def check_ranks(net, unet, text_encoders: list) -> None:
+    """network.rank against the layers it adapts, network.conv_rank (LoCon) against the 3x3 convolutions."""
+    targets = lora_targets(unet, text_encoders, conv=net.conv_rank > 0)
+    is_3x3 = [isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for _, m in targets]
+    check_rank(net.rank, [t for t, conv in zip(targets, is_3x3) if not conv])
+    if net.conv_rank:
+        check_rank(net.conv_rank, [t for t, conv in zip(targets, is_3x3) if conv], "network.conv_rank")
 
 
 def check_clip_skip(clip_skip: int, text_encoders: list) -> None:

@@ -17,7 +17,7 @@ def add_network(cfg: TrainConfig, base: BaseModel, device: torch.device, adapter
                 ) -> dict[str, torch.nn.Module]:
     """LoRA adapters on the UNet and (optionally) the text encoders; returns the trained modules by name."""
     tr, net, unet, encoders = cfg.training, cfg.network, base.unet, base.text_encoders
-    preflight.check_rank(net.rank, preflight.lora_targets(unet, encoders if net.train_text_encoder else []))
+    preflight.check_ranks(net, unet, encoders if net.train_text_encoder else [])
     torch.manual_seed(tr.seed)  # the same LoRA init on every process and in every run with this seed
     add_lora(unet, encoders, net, adapter)
     lean_forwards(unet)  # fewer activations kept for backward, same results (lean.py)

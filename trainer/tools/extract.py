@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.network import text_target_names, unet_target_names
+from trainer.network import conv_target_names, text_target_names, unet_target_names
 
 from .lowrank import RankRule, svd, truncate
 from .output import LowRank, Progress, ToolError, ToolResult, check_output, lora_metadata, part_lines, write_lora
@@ -21,24 +21,14 @@ def _parts(model) -> dict[str, torch.nn.Module]:
     return parts
 
 
-# kohya's LoCon targets beyond attention (networks/lora.py with conv_dim): everything in the UNet's resnets and
-# resamplers, 3×3 convolutions at the conv rank, their Linear and 1×1 layers at the rank
-CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-
-
 def _targets(part: str, model: torch.nn.Module, rank: int, conv_rank: int | None) -> dict[str, int]:
-    """module path → rank to extract it at."""
-    names = unet_target_names(model) if part == "unet" else text_target_names(model)
-    targets = {n: rank for n in names}
-    if part == "unet" and conv_rank:
-        for block_name, block in model.named_modules():
-            if type(block).__name__ not in CONV_BLOCKS:
-                continue
-            for name, m in block.named_modules():
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                    wide = isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
-                    targets[f"{block_name}.{name}"] = conv_rank if wide else rank
-    return targets
+    """module path → rank to extract it at: the trainer's targets (with conv_rank, its LoCon ones: 3×3 convolutions
+    at the conv rank, the resnets' Linear and 1×1 layers at the rank)."""
+    if part != "unet":
+        return {n: rank for n in text_target_names(model)}
+    names = unet_target_names(model, conv=bool(conv_rank))
+    wide = set(conv_target_names(model, names))
+    return {n: conv_rank if n in wide else rank for n in names}
 
 
 def _untouched_changes(part: str, a: torch.nn.Module, b: torch.nn.Module, targets: dict[str, int]) -> str | None:
