@@ -55,6 +55,9 @@ def test_every_preset_key_has_a_comment():
     ({"training": {"steps": 0}}, "set `training.steps` or `training.epochs` to a positive number"),
     ({"output": {"name": "my:lora"}}, "without :"),
     ({"network": 3}, "`network` is a section"),
+    ({"training": {"min_timestep": 600, "max_timestep": 600}}, "`training.min_timestep` = 600 must be below"),
+    ({"training": {"max_timestep": 1001}}, "`training.max_timestep` must be in [0, 1001)"),
+    ({"network": {"conv_rank": -1}}, "`network.conv_rank` must be ≥ 0"),
     ({"optimizer": {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 0.5}}, "Prodigy adapts one step size"),
 ])
 def test_bad_values_name_the_key_and_the_fix(layer, message):

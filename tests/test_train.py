@@ -383,3 +383,23 @@ def test_windows_ctrl_break_stops_like_sigterm(monkeypatch):
     with stopping.stop_on_signals(stop):
         signal.raise_signal(signal.SIGTERM)
     assert stop.flag
+
+
+def test_training_timesteps_stay_in_the_configured_range(workspace, monkeypatch):
+    """training.min_timestep / max_timestep: every noised training batch draws its timesteps from [min, max)."""
+    from diffusers import DDPMScheduler
+
+    seen = []
+    add_noise = DDPMScheduler.add_noise
+
+    def recording(self, original, noise, timesteps):
+        seen.append(timesteps.clone())
+        return add_noise(self, original, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    loop.train(config(workspace, "ts-range", training={"steps": 8, "batch_size": 2, "min_timestep": 200,
+                                                         "max_timestep": 260},
+                      evaluation={"at_checkpoints": "off"}))
+    drawn = torch.cat(seen)
+    assert len(drawn) >= 16 and drawn.min() >= 200 and drawn.max() < 260, drawn
+    assert len(set(drawn.tolist())) > 4  # drawn across the range, not one value

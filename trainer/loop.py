@@ -343,7 +343,8 @@ def _loss(run: Run, draws) -> torch.Tensor:
     sl, noise_rng = slice(rank * bs, (rank + 1) * bs), run.noise_rng
     shape = (global_batch,) + tuple(latents.shape[1:])
     noise = torch.randn(shape, generator=noise_rng)[sl]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=noise_rng)[sl]
+    high = min(tr.max_timestep or noise_scheduler.config.num_train_timesteps, noise_scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(tr.min_timestep, high, (global_batch,), generator=noise_rng)[sl]
     if tr.noise_offset:
         # Offset noise lets the model shift the mean brightness (very dark / bright images).
         noise = noise + tr.noise_offset * torch.randn((global_batch, shape[1], 1, 1), generator=noise_rng)[sl]
