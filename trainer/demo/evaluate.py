@@ -16,8 +16,9 @@ from trainer.families import DEMO_MODEL_DIR
 DATASETS_DIR = PROJECT_ROOT / "datasets"
 SEEDS = (0, 1)
 STEPS, CFG = 15, 5.0  # Euler at 15 steps already settles these 64×64 pictures
-# Held-out prompts: none of these (colour, shape, background) triples is in datasets/demo-style; of the character
-# prompts, orange on white is not in datasets/demo-character (the others are, but not these seeds' pictures).
+# Style prompts: three of these (colour, shape, background) triples are in neither datasets/demo-style nor
+# demo-checks; the red triangle on gray is a caption of both (picture 12), with other seeds' pictures. Of the
+# character prompts, orange on white is not in datasets/demo-character (the others are, but not these seeds' pictures).
 STYLE_PROMPTS = [("red", "triangle", "gray"), ("green", "circle", "white"), ("blue", "square", "black"),
                  ("yellow", "diamond", "gray")]
 CHARACTER_PROMPTS = [("red", "black"), ("green", "white"), ("blue", "gray"), ("orange", "white")]
@@ -32,13 +33,13 @@ def demo_config(dataset: str, out_dir: Path, overrides: dict | None = None) -> T
     return build_config({"preset": "demo"}, sections)
 
 
-def pictures(generator, prompts: list[str], mix: list[tuple[Path, float]]) -> list:
+def pictures(generator, prompts: list[str], mix: list[tuple[Path, float]], seeds=SEEDS) -> list:
     """Every prompt at every seed (prompt-major) with the LoRA mix [(file, weight)]."""
     from trainer.generate import LoraSpec
 
     specs = [LoraSpec(str(path), weight) for path, weight in mix]
     return [generator.generate(p, specs, seed=s, steps=STEPS, cfg=CFG, sampler="euler")
-            for p in prompts for s in SEEDS]
+            for p in prompts for s in seeds]
 
 
 def sweep(generator, prompts: list[str], colours: list[str], lora: Path, score,
@@ -94,25 +95,32 @@ OTHER_FIGURES = [("red", "triangle", "gray"), ("blue", "circle", "white"), ("gre
                  ("yellow", "diamond", "gray")]
 
 
+# The yardstick's seeds: twice SEEDS, since "shape kept" over 8 pictures moved by a quarter between neighbouring
+# checkpoints on the first demo base (stop 23's proof), more than any rule can be judged by.
+TRUTH_SEEDS = (0, 1, 2, 3)
+RENDERED_STRIPES = 0.40  # stripe_score of the world's own striped renders (scripts/measure_demo_base.py: 0.402)
+
+
 def true_quality(generator, dataset: str, lora: Path) -> dict[str, float]:
     """What a demo LoRA is worth, from what is known about the world (the recommendation's yardstick):
-    quality = learnt × colour kept × shape kept, each a share in [0, 1] over held-out prompts × SEEDS.
-    - demo-style: learnt = stripe score / 0.24 (what the preset's LoRA reaches; capped at 1), colour kept = the
-      colour score, shape kept = the share of pictures whose figure is the prompted shape (best_fit).
+    quality = learnt × colour kept × shape kept, each a share in [0, 1] over held-out prompts × TRUTH_SEEDS.
+    - demo-style: learnt = stripe score / the rendered stripes' (capped at 1), colour kept = the colour score,
+      shape kept = the share of pictures whose figure is the prompted shape (best_fit).
     - demo-character: learnt = the share of character prompts drawn as the mushroom, colour kept = their colour
       score, shape kept = the share of prompts without the name (OTHER_FIGURES) still drawn as their shape."""
+    seeds = TRUTH_SEEDS
     if dataset == "demo-style":
-        images = pictures(generator, style_prompts()[0], [(lora, 1.0)])
-        colours = [c for c, _, _ in STYLE_PROMPTS for _ in SEEDS]
-        shapes = [s for _, s, _ in STYLE_PROMPTS for _ in SEEDS]
-        learnt = min(1.0, float(np.mean([metrics.stripe_score(im) for im in images])) / 0.24)
+        images = pictures(generator, style_prompts()[0], [(lora, 1.0)], seeds)
+        colours = [c for c, _, _ in STYLE_PROMPTS for _ in seeds]
+        shapes = [s for _, s, _ in STYLE_PROMPTS for _ in seeds]
+        learnt = min(1.0, float(np.mean([metrics.stripe_score(im) for im in images])) / RENDERED_STRIPES)
     else:
-        images = pictures(generator, character_prompts()[0], [(lora, 1.0)])
-        colours = [c for c, _ in CHARACTER_PROMPTS for _ in SEEDS]
+        images = pictures(generator, character_prompts()[0], [(lora, 1.0)], seeds)
+        colours = [c for c, _ in CHARACTER_PROMPTS for _ in seeds]
         learnt = float(np.mean([metrics.best_fit(im) == world.CHARACTER_SHAPE for im in images]))
         others = [world.style_prompt(c, s, b).replace(f", {world.STYLE_TRIGGER}", "") for c, s, b in OTHER_FIGURES]
-        shapes = [s for _, s, _ in OTHER_FIGURES for _ in SEEDS]
+        shapes = [s for _, s, _ in OTHER_FIGURES for _ in seeds]
     colour = float(np.mean([metrics.colour_score(im, c) for im, c in zip(images, colours)]))
-    shape_images = images if dataset == "demo-style" else pictures(generator, others, [(lora, 1.0)])
+    shape_images = images if dataset == "demo-style" else pictures(generator, others, [(lora, 1.0)], seeds)
     kept = float(np.mean([metrics.best_fit(im, world.BASE_SHAPES) == s for im, s in zip(shape_images, shapes)]))
     return {"learnt": learnt, "colour": colour, "shape": kept, "quality": learnt * colour * kept}
