@@ -1,11 +1,11 @@
 """The recommendation rule against the truth: a demo LoRA trained too long and too hot, every checkpoint's
 measures (written during training) beside its true quality (known in the demo world).
 
-    .venv/bin/python scripts/prove_recommendation.py demo-style|demo-character [--out DIR] [--steps 2000]
-        [--lr 6e-3] [--every 200] [--json FILE]
+    .venv/bin/python scripts/prove_recommendation.py demo-style|demo-character [--out DIR] [--steps N]
+        [--lr LR] [--every N] [--json FILE]
 
-Trains with the demo preset at --steps (4× the preset's 500) and --lr (2× its 3e-3), a checkpoint every --every
-steps, each measured by the trainer (trainer/judge.py); then the true quality of every checkpoint LoRA
+Trains with the demo preset at --steps (default 4× the preset's) and --lr (default 2× the preset's), a checkpoint
+every --every steps (default a tenth of the run), each measured by the trainer (trainer/judge.py); then the true quality of every checkpoint LoRA
 (trainer/demo/evaluate.true_quality: learnt × colour kept × shape kept, on held-out prompts) and three checks:
 the recommended checkpoint's quality is within 10% of the best checkpoint's; the last checkpoint is worse than the
 recommended one; the checkpoint with the lowest validation loss is no better than the recommended one.
@@ -67,14 +67,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", choices=["demo-style", "demo-character"])
     ap.add_argument("--out", default=str(ROOT / "runs" / "prove-recommendation"))
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--lr", type=float, default=6e-3)
-    ap.add_argument("--every", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=0, help="0 = 4× the demo preset's")
+    ap.add_argument("--lr", type=float, default=0.0, help="0 = 2× the demo preset's")
+    ap.add_argument("--every", type=int, default=0, help="0 = a tenth of --steps")
     ap.add_argument("--json", help="write the result here too")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = prove(args.dataset, Path(args.out), args.steps, args.lr, args.every)
+    preset = demo_config(args.dataset, Path(args.out))
+    steps = args.steps or 4 * preset.training.steps
+    lr = args.lr or 2 * preset.optimizer.learning_rate
+    result = prove(args.dataset, Path(args.out), steps, lr, args.every or steps // 10)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
