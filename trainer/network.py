@@ -13,11 +13,10 @@ layers reach only through the blocks around them, so a style learns faster; opt-
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
-import re
-
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft import LoraConfig
