@@ -224,7 +224,7 @@ RANGES: dict[str, tuple[float, float | None, bool, str]] = {
     "training.grad_accum": (1, None, False, ""),
     "training.attention_memory_mb": (0, None, False, "0 keeps none"),
     "training.min_snr_gamma": (0, None, False, "5 is the paper's value; 0 disables"),
-    "training.min_timestep": (0, 999, False, "0 = from the start of the schedule"),
+    "training.min_timestep": (0, 1000, False, "0 = from the start of the schedule"),
     "training.max_timestep": (0, 1001, False, "0 = to its end (1000)"),
     "training.noise_offset": (0, None, False, "0.05-0.1 for very dark or bright images"),
     "sample.every_n_steps": (0, None, False, "0 = only at the end"),

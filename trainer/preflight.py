@@ -109,11 +109,14 @@ def check_rank(rank: int, targets: list[tuple[str, torch.nn.Module]], key: str =
 
 def check_ranks(net, unet, text_encoders: list) -> None:
     """network.rank against the layers it adapts, network.conv_rank (LoCon) against the 3x3 convolutions."""
-    targets = lora_targets(unet, text_encoders, conv=net.conv_rank > 0)
-    is_3x3 = [isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for _, m in targets]
-    check_rank(net.rank, [t for t, conv in zip(targets, is_3x3) if not conv])
+    from .network import conv_target_names, unet_target_names
+
+    conv = net.conv_rank > 0
+    targets = lora_targets(unet, text_encoders, conv=conv)
+    wide = set(conv_target_names(unet, unet_target_names(unet, conv=conv)))
+    check_rank(net.rank, [t for t in targets if t[0] not in wide])
     if net.conv_rank:
-        check_rank(net.conv_rank, [t for t, conv in zip(targets, is_3x3) if conv], "network.conv_rank")
+        check_rank(net.conv_rank, [t for t in targets if t[0] in wide], "network.conv_rank")
 
 
 def check_clip_skip(clip_skip: int, text_encoders: list) -> None:
