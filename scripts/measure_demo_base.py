@@ -33,10 +33,9 @@ def prompts() -> list[tuple[str, str, str, int]]:
 
 
 def judge(image, shape: str, colour: str, bg: str) -> dict[str, float]:
-    got_bg = metrics.background(metrics.as_array(image)) * 255
     return {"shape": float(metrics.best_fit(image, world.BASE_SHAPES) == shape),
             "colour": float(metrics.commonest_colour(image) == colour),
-            "background": float(np.abs(got_bg - np.asarray(world.BACKGROUNDS[bg])).max() < 40),
+            "background": float(metrics.background_right(image, bg)),
             "edge": metrics.edge_width(image)}
 
 

@@ -131,6 +131,49 @@ def test_colour_score_names_the_prompted_colour_and_ignores_the_background():
     assert metrics.colour_score(blank, "red") == 0.0 and metrics.stripe_score(blank) == 0.0
 
 
+def test_background_right_names_the_prompted_background_and_refuses_a_washed_out_or_tinted_one():
+    for i, scene in enumerate(world.scenes(30, 17)):
+        image = degrade(world.render(scene), i)
+        assert metrics.background_right(image, scene.background)
+        assert not any(metrics.background_right(image, b) for b in world.BACKGROUNDS if b != scene.background)
+    white = world.render(world.Scene("circle", "red", "white", 32, 32, 16))
+    tinted = Image.fromarray((np.asarray(white, np.float32) * [0.8, 0.95, 1.0]).astype(np.uint8))  # cyan-white
+    assert metrics.background_right(white, "white") and not metrics.background_right(tinted, "white")
+
+
+class WorldPainter:
+    """Stands in for the Generator in trainer/demo/evaluate: paints the prompted scene with the world's renderer, as a
+    perfect LoRA would draw it (`fill` for the style's trigger, the mushroom for the character's name), optionally
+    on the wrong background."""
+
+    def __init__(self, fill: str = "stripes", background: str | None = None):
+        self.fill, self.background = fill, background
+
+    def generate(self, prompt, loras, seed=0, **_):
+        words = prompt.replace(",", "").split()
+        colour = next(w for w in words if w in world.COLOURS)
+        shape = next((w for w in words if w in world.BASE_SHAPES), world.CHARACTER_SHAPE)
+        background = self.background or next(w for w in words if w in world.BACKGROUNDS)
+        fill = self.fill if world.STYLE_TRIGGER in words else "plain"
+        rng = np.random.default_rng(seed)
+        return world.render(world.Scene(shape, colour, background, 32 + rng.uniform(-5, 5), 32, rng.uniform(14, 20),
+                                        fill, rng.uniform(0, world.STRIPE_PERIOD)))
+
+
+def test_true_quality_is_high_for_the_world_itself_and_counts_every_failure():
+    from trainer.demo.evaluate import true_quality
+
+    perfect = true_quality(WorldPainter(), "demo-style", Path("unused"))
+    assert perfect["learnt"] > 0.9 and perfect["colour"] > 0.9 and perfect["shape"] == 1 and perfect["background"] == 1
+    assert perfect["quality"] > 0.8
+    plain = true_quality(WorldPainter(fill="plain"), "demo-style", Path("unused"))
+    assert plain["learnt"] < 0.1 and plain["quality"] < 0.1  # the style not learnt
+    washed = true_quality(WorldPainter(background="white"), "demo-style", Path("unused"))
+    assert washed["background"] == 0.25 and washed["quality"] < 0.3 * perfect["quality"]  # 1 of 4 prompts is on white
+    character = true_quality(WorldPainter(), "demo-character", Path("unused"))
+    assert character["learnt"] == 1 and character["shape"] == 1 and character["background"] == 1
+
+
 # ---- the demo datasets --------------------------------------------------------------------------------------------
 
 def _load_script(name: str):

@@ -101,26 +101,38 @@ TRUTH_SEEDS = (0, 1, 2, 3)
 RENDERED_STRIPES = 0.40  # stripe_score of the world's own striped renders (scripts/measure_demo_base.py: 0.402)
 
 
-def true_quality(generator, dataset: str, lora: Path) -> dict[str, float]:
+def true_quality(generator, dataset: str, lora: Path, seeds=TRUTH_SEEDS) -> dict[str, float]:
     """What a demo LoRA is worth, from what is known about the world (the recommendation's yardstick):
-    quality = learnt × colour kept × shape kept, each a share in [0, 1] over held-out prompts × TRUTH_SEEDS.
+    quality = learnt × colour kept × shape kept × background kept, each a share in [0, 1] over held-out prompts ×
+    seeds (TRUTH_SEEDS).
     - demo-style: learnt = stripe score / the rendered stripes' (capped at 1), colour kept = the colour score,
       shape kept = the share of pictures whose figure is the prompted shape (best_fit).
     - demo-character: learnt = the share of character prompts drawn as the mushroom, colour kept = their colour
-      score, shape kept = the share of prompts without the name (OTHER_FIGURES) still drawn as their shape."""
-    seeds = TRUTH_SEEDS
+      score, shape kept = the share of prompts without the name (OTHER_FIGURES) still drawn as their shape.
+    - background kept: the share of all those pictures on the prompted background (metrics.background_right). An
+      overcooked LoRA washes gray out to white and tints white: the prompt asked for neither, and every feature
+      measure of the pictures sees it (stop 26: a 4x-long character run drew mushrooms on the wrong background)."""
     if dataset == "demo-style":
-        images = pictures(generator, style_prompts()[0], [(lora, 1.0)], seeds)
+        prompts = style_prompts()[0]
         colours = [c for c, _, _ in STYLE_PROMPTS for _ in seeds]
         shapes = [s for _, s, _ in STYLE_PROMPTS for _ in seeds]
-        learnt = min(1.0, float(np.mean([metrics.stripe_score(im) for im in images])) / RENDERED_STRIPES)
+        backgrounds = [b for _, _, b in STYLE_PROMPTS for _ in seeds]
     else:
-        images = pictures(generator, character_prompts()[0], [(lora, 1.0)], seeds)
+        prompts = character_prompts()[0]
         colours = [c for c, _ in CHARACTER_PROMPTS for _ in seeds]
-        learnt = float(np.mean([metrics.best_fit(im) == world.CHARACTER_SHAPE for im in images]))
         others = [world.style_prompt(c, s, b).replace(f", {world.STYLE_TRIGGER}", "") for c, s, b in OTHER_FIGURES]
         shapes = [s for _, s, _ in OTHER_FIGURES for _ in seeds]
+        backgrounds = [b for _, b in CHARACTER_PROMPTS for _ in seeds] + [b for _, _, b in OTHER_FIGURES for _ in seeds]
+    images = pictures(generator, prompts, [(lora, 1.0)], seeds)
+    if dataset == "demo-style":
+        learnt = min(1.0, float(np.mean([metrics.stripe_score(im) for im in images])) / RENDERED_STRIPES)
+        shape_images = images
+    else:
+        learnt = float(np.mean([metrics.best_fit(im) == world.CHARACTER_SHAPE for im in images]))
+        shape_images = pictures(generator, others, [(lora, 1.0)], seeds)
     colour = float(np.mean([metrics.colour_score(im, c) for im, c in zip(images, colours)]))
-    shape_images = images if dataset == "demo-style" else pictures(generator, others, [(lora, 1.0)], seeds)
     kept = float(np.mean([metrics.best_fit(im, world.BASE_SHAPES) == s for im, s in zip(shape_images, shapes)]))
-    return {"learnt": learnt, "colour": colour, "shape": kept, "quality": learnt * colour * kept}
+    every = images if dataset == "demo-style" else images + shape_images
+    background = float(np.mean([metrics.background_right(im, b) for im, b in zip(every, backgrounds)]))
+    return {"learnt": learnt, "colour": colour, "shape": kept, "background": background,
+            "quality": learnt * colour * kept * background}

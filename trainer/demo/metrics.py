@@ -9,6 +9,7 @@ They judge generated pictures of the shape world (trainer/demo/world.py), where 
   both scaled to their bounding box: about 0.9–1 for the mushroom at any place and size, 0.4–0.72 for the base
   shapes. best_fit names the template a silhouette overlaps most, for a yes/no per picture.
 - colour_score: the content. Of the coloured pixels, the share whose hue is nearest the prompted colour's.
+- background_right: the prompted background. Whether the picture's frame is the prompted background colour.
 - edge_width: crispness. Pixels of blend between figure and background per pixel of outline: about 1 for the
   world's own (anti-aliased) rendering, 2-3 for a soft blob.
 
@@ -164,6 +165,17 @@ def colour_score(image, colour: str) -> float:
     gap = np.minimum(gap, 1 - gap)  # hue is an angle
     nearest = gap.argmin(1)
     return float((nearest == names.index(colour)).mean())
+
+
+BACKGROUND_TOLERANCE = 40  # of 255 per channel: a tint a viewer would call another colour (gray is 128, white 255)
+
+
+def background_right(image, name: str) -> bool:
+    """Whether the picture's background (its frame's median) is the world background `name` within
+    BACKGROUND_TOLERANCE in every channel: a washed-out or tinted background (white for gray, cyan-white for
+    white) is a picture the prompt did not ask for."""
+    got = background(as_array(image)) * 255
+    return bool(np.abs(got - np.asarray(world.BACKGROUNDS[name], np.float32)).max() < BACKGROUND_TOLERANCE)
 
 
 def edge_width(image) -> float:
