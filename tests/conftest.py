@@ -11,12 +11,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+# Tests that run only when their marker is asked for (`-m walkthrough`, `-m proof`), never in the whole suite:
+# each trains demo LoRAs for many minutes (the README walk-through also rewrites the README's pictures).
+OPT_IN = ("walkthrough", "proof")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The README walk-through (tests/browser/test_walkthrough.py) trains two demo LoRAs and rewrites the README's
-    pictures on request: it runs only when asked for by its marker (`-m walkthrough`), never in the whole suite."""
-    if "walkthrough" in (config.getoption("markexpr") or ""):
-        return
-    skipped = [item for item in items if item.get_closest_marker("walkthrough")]
-    if skipped:
-        items[:] = [item for item in items if not item.get_closest_marker("walkthrough")]
-        config.hook.pytest_deselected(items=skipped)
+    asked = config.getoption("markexpr") or ""
+    for marker in OPT_IN:
+        if marker in asked:
+            continue
+        skipped = [item for item in items if item.get_closest_marker(marker)]
+        if skipped:
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
+            config.hook.pytest_deselected(items=skipped)

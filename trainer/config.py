@@ -133,10 +133,13 @@ class EvaluationConfig:
     """Measured at every checkpoint (trainer/evaluation.py): the `evaluation` and `recommendation` events."""
     at_checkpoints: str = "auto"  # auto | off: auto = every checkpoint is measured and one is recommended
     leak_prompts: list[str] = field(default_factory=list)  # prompts the LoRA should leave alone; [] = the sample prompts without the trigger words
-    likeness_images: int = 2  # training captions drawn at each checkpoint and compared with their own images
+    # Training captions drawn at each checkpoint and compared with their own images. 6, not 2: with 2 the likeness
+    # of neighbouring checkpoints swung by more than the LoRA changed (stop 26, scripts/prove_recommendation.py).
+    likeness_images: int = 6
     # Denoising steps of its pictures (sample.cfg, sample.seed): like is compared with like, so fewer than samples'.
-    # 8, not 12: evaluation must stay within 15% of training time (scripts/measure_evaluation_cost.py).
-    steps: int = 8
+    # 6: with 6 likeness pictures, evaluation stays within 15% of the demo run's training time (measured 12.8%, at
+    # 8 steps 15.1%; scripts/measure_evaluation_cost.py).
+    steps: int = 6
     validation_dir: str = ""  # held-out images with captions for the validation loss ("" = data.validation_split)
     validation_images: int = 4  # at most this many images in the validation loss (8 timesteps each: one model call)
 

@@ -23,7 +23,7 @@ from PIL import Image
 from . import eval_metrics as em
 from .data.captions import coined_words, count_tags
 
-LIKENESS_IMAGES = 2  # training captions drawn at each checkpoint to compare with their own images
+LIKENESS_IMAGES = 6  # training captions drawn at each checkpoint (config: evaluation.likeness_images)
 # Colour words and what a held-out variation puts in their place (a colour far from it on the wheel).
 COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "purple", "purple": "green", "yellow": "blue",
                "orange": "blue", "pink": "green", "white": "black", "black": "white", "brown": "blue",
