@@ -9,17 +9,22 @@ score (IoU of the silhouette with the mushroom template), "drawn" (the share of 
 mushroom best of the world's six figures) and the mean colour score (content); a grid of every picture goes to
 DIR/grid.png, one row per (LoRA, weight).
 
-What it showed on the demo base of 2026-12-05 (sharp edges, every hue right) with the preset (lr 7e-3, 500 steps,
-rank 8, batch 4; --threads 1, two runs side by side, 140 s per LoRA):
-- demo-style over weights 0 / 0.25 / 0.5 / 0.75 / 1: stripes 0.03 / 0.03 / 0.03 / 0.05 / 0.10, colour kept
+What it showed on the demo base of 2026-12-05 with the preset (lr 5e-3, 500 steps, rank 8, batch 4; the style
+sets with 8 plain pictures captioned without the trigger word; --threads 1, 200-290 s per LoRA on a shared CPU):
+- demo-style over weights 0 / 0.25 / 0.5 / 0.75 / 1: stripes 0.03 / 0.03 / 0.04 / 0.09 / 0.26, colour kept
   0.5 → 1.0 (the base guesses wrong at the unknown trigger word; the LoRA restores the colour), shape right
-  0.62 → 0.88, silhouette IoU with weight 0 falling to 0.61 (the figure is redrawn, not moved).
-- demo-checks: check score 0.03 → 0.09 with colour kept 1.0; each style's pictures score higher on their own
-  pattern than on the other's (stripes LoRA 0.100 stripes / 0.084 checks, checks LoRA 0.075 / 0.090).
-- demo-character: likeness 0.57 → 0.76 → 0.79 at 0 / 0.5 / 1, drawn 0.12 → 0.75, colour kept 1.0.
-- both stacked: stripes 0.04 → 0.15, likeness 0.61 → 0.71, drawn 0.00 → 0.50, colour kept 0.5 → 1.0.
-- Learning rates on this base (same protocol): 3e-3 stripes 0.08; 5e-3 0.08 (character drawn 0.88); 1e-2 0.08-0.13
-  with the held-out shapes redrawn as blobs (shape right 0.25) and the character drawn in 0.5. LoCon
+  0.62 → 0.75, silhouette IoU with weight 0 falling to 0.57 (the figure is redrawn, not only filled).
+- demo-checks: check score 0.03 → 0.37 with colour kept 1.0 and shape right 0.62 → 0.75; each style's pictures
+  score higher on their own pattern than on the other's (stripes LoRA 0.257 stripes / 0.218 checks, checks LoRA
+  0.372 checks / 0.325 stripes).
+- demo-character: likeness 0.57 → 0.75 → 0.77 at 0 / 0.5 / 1, drawn 0.12 → 0.88, colour kept 1.0.
+- both stacked: stripes 0.04 → 0.36, drawn 0.00 → 0.75, colour kept 0.5 → 0.75.
+- The same at lr 7e-3: stripes 0.30, checks 0.43, but shape right 0.50 / 0.38 (the held-out shapes redrawn) and
+  the character drawn 0.75. Without the plain pictures (16 striped, every caption with the trigger word), lr 7e-3
+  gave stripes 0.10 and checks 0.09: the word was tied to everything in the pictures, not to their fill.
+- Learning rates on this base without the plain pictures (same protocol): 3e-3 stripes 0.08; 5e-3 0.08
+  (character drawn 0.88); 1e-2 0.08-0.13 with the held-out shapes redrawn as blobs (shape right 0.25) and the
+  character drawn in 0.5. LoCon
   (network.conv_rank 8) at 1e-2 reached 0.19-0.21 but broke shapes likewise. The rendered stripes score 0.40
   and the autoencoder's round trip 0.31: generated stripes wobble, which the row-based score counts only in part.
 - On the first demo base (blurry, 2026-11) the same script measured stripes 0.24 at lr 3e-3, on blobs: the colour

@@ -89,8 +89,9 @@ def test_style_lora_adds_stripes_and_keeps_colour_and_shape(style_lora, generato
     result = style_sweep(generator, "demo-style", style_lora)  # held-out (colour, shape, background) triples
     print("style sweep:", result)
     # Rendered stripes score 0.40, flat fills ≈ 0.01, the base model's pictures 0.03; the demo base's autoencoder
-    # keeps 0.31 of the rendered 0.40 in its own round trip. Measured with the preset: 0.03 → 0.10 at weight 1.
-    _assert_style(result, 0.05, 0.08)
+    # keeps 0.31 of the rendered 0.40 in its own round trip. Measured with the preset: 0.03 → 0.26 at weight 1
+    # (0.10 before the style set had its plain pictures), colour kept 8/8, shape right 6/8 (5/8 at weight 0).
+    _assert_style(result, 0.15, 0.18)
 
 
 def test_a_second_style_is_learnt_by_the_same_preset(checks_lora, style_lora, generator):
@@ -98,7 +99,7 @@ def test_a_second_style_is_learnt_by_the_same_preset(checks_lora, style_lora, ge
     pictures carry more of its own pattern than of the other's."""
     result = style_sweep(generator, "demo-checks", checks_lora)
     print("checks sweep:", result)
-    _assert_style(result, 0.04, 0.07)  # measured: check score 0.03 → 0.09
+    _assert_style(result, 0.2, 0.25)  # measured: check score 0.03 → 0.37 (0.09 without the plain pictures)
     checks_prompts, colours = style_prompts("demo-checks")
     per_image = [c for c in colours for _ in SEEDS]
     checks = metrics.mean_scores(pictures(generator, checks_prompts, [(checks_lora, 1.0)]), per_image)
@@ -114,13 +115,13 @@ def test_character_lora_draws_the_character_and_keeps_the_colour(character_lora,
     print("character sweep (likeness, colour):", result)
     assert base < half < full
     # Rendered mushrooms score ≥ 0.85 against the template, other figures ≤ 0.72, and the base model's guess at
-    # an unknown word about 0.57; measured with the preset: 0.57 → 0.76 → 0.79.
+    # an unknown word about 0.57; measured with the preset: 0.57 → 0.75 → 0.77.
     assert full > base + 0.15 and full > 0.72
     assert full_colour > 0.9 and full_colour > base_colour - 0.05
     # Picture by picture: with the LoRA the figure is a mushroom (of all six figures, its template fits best) in
-    # 6 of 8 pictures (1 of 8 without); the miss is the red one on black, drawn small.
+    # 7 of 8 pictures (1 of 8 without); the miss is the red one on black, drawn small.
     drawn = [metrics.best_fit(im) == world.CHARACTER_SHAPE for im in pictures(generator, prompts, [(character_lora, 1.0)])]
-    assert np.mean(drawn) >= 5 / 8, drawn
+    assert np.mean(drawn) >= 6 / 8, drawn
 
 
 def test_stacked_loras_show_both_effects(style_lora, character_lora, generator):
@@ -131,11 +132,14 @@ def test_stacked_loras_show_both_effects(style_lora, character_lora, generator):
     base = metrics.mean_scores(pictures(generator, prompts, []), per_image)
     both = metrics.mean_scores(pictures(generator, prompts, [(style_lora, 1.0), (character_lora, 1.0)]), per_image)
     print("stacked (without, with):", base, both)
-    # Measured 0.04 → 0.15: striped blue and orange mushrooms; the green one keeps few stripes.
-    assert both["stripes"] > 2 * base["stripes"] and both["stripes"] > base["stripes"] + 0.06
-    # Measured 0.61 → 0.71, and the figure fits the mushroom best in 4 of 8 pictures (none without).
-    assert both["character"] > base["character"] + 0.05 and both["drawn"] >= 3 / 8 > base["drawn"]
-    assert both["colour"] > 0.8
+    # Measured 0.04 → 0.36 (the style alone 0.26): striped green, blue and orange mushrooms; the red one on black
+    # is drawn small.
+    assert both["stripes"] > 4 * base["stripes"] and both["stripes"] > base["stripes"] + 0.15
+    # The figure fits the mushroom best in 6 of 8 pictures (none without; the character alone 7 of 8).
+    assert both["drawn"] >= 5 / 8 > base["drawn"]
+    # Measured 0.73: the dark bands' blend pixels drift in hue, so less than a plain figure's 0.98 (0.87 before the
+    # style drew its stripes this strongly); the commonest hue is the prompted one in 6 of 8.
+    assert both["colour"] > 0.65
 
 
 def test_cli_generate_draws_what_the_python_api_draws(style_lora, generator, tmp_path):

@@ -189,7 +189,7 @@ def test_committed_dataset_is_what_the_script_makes(name, tmp_path):
     _load_script("make_demo_datasets").write_set(name, tmp_path / name, 16)
     fresh = sorted(p.name for p in (tmp_path / name).iterdir())
     assert sorted(p.name for p in committed.iterdir()) == fresh
-    assert 12 <= len(fresh) // 2 <= 20
+    assert 16 <= len(fresh) // 2 <= 24
     for fname in fresh:
         a, b = committed / fname, tmp_path / name / fname
         if fname.endswith(".txt"):
@@ -202,10 +202,18 @@ def test_committed_dataset_is_what_the_script_makes(name, tmp_path):
 def test_demo_sets_show_what_their_captions_say():
     style = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
              for p in sorted((ROOT / "datasets" / "demo-style").glob("*.png"))]
-    assert all(cap.endswith(world.STYLE_TRIGGER) and metrics.stripe_score(im) > 0.25 for im, cap in style)
     checks = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
               for p in sorted((ROOT / "datasets" / "demo-checks").glob("*.png"))]
-    assert all(cap.endswith(world.CHECKS_TRIGGER) and metrics.check_score(im) > 0.2 for im, cap in checks)
+    for pairs, trigger, score, floor in ((style, world.STYLE_TRIGGER, metrics.stripe_score, 0.25),
+                                         (checks, world.CHECKS_TRIGGER, metrics.check_score, 0.2)):
+        # the patterned pictures carry the trigger word; the plain ones (the contrast) neither the word nor a pattern
+        patterned = [(im, cap) for im, cap in pairs if cap.endswith(trigger)]
+        plain = [(im, cap) for im, cap in pairs if trigger not in cap]
+        assert len(patterned) == 16 and len(plain) == world.CONTRAST and len(pairs) == 16 + world.CONTRAST
+        assert all(score(im) > floor for im, _ in patterned)
+        assert all(score(im) < 0.1 and metrics.stripe_score(im) < 0.1 for im, _ in plain)
+        # "a <colour> <shape> on a …": the plain figure is the shape its caption names
+        assert all(metrics.best_fit(im, world.BASE_SHAPES) == cap.split()[2] for im, cap in plain)
     character = [(Image.open(p), p.with_suffix(".txt").read_text().strip())
                  for p in sorted((ROOT / "datasets" / "demo-character").glob("*.png"))]
     for im, cap in character:

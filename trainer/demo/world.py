@@ -218,8 +218,19 @@ def character_prompt(colour: str, background: str) -> str:
     return f"a {colour} {CHARACTER_NAME} on a {background} background"
 
 
-def demo_dataset(name: str, n: int = 16, seed: int = 7) -> list[tuple[Scene, str]]:
-    """(scene, caption) pairs of a demo set; colours, backgrounds and shapes are spread evenly, not drawn."""
+# Plain pictures in each style set, captioned without the trigger word ("a green triangle on a gray background"):
+# the contrast that tells the LoRA what its word adds. Without them every caption carries the word, so nothing
+# separates the new fill from the figures, colours and backgrounds it comes with. With 8 beside the 16 stripes, the
+# stripe score at weight 1 on held-out prompts went from 0.16 to 0.46 (the rendered stripes: 0.40), and prompts
+# without the word stayed plain (stop 26, training seed 0, demo preset). The character set has none: with 8, the
+# mushroom was drawn in 11 of 16 pictures instead of 14, other figures kept their shape in 10 instead of 8.
+CONTRAST = 8
+
+
+def demo_dataset(name: str, n: int = 16, seed: int = 7, plain: int | None = None) -> list[tuple[Scene, str]]:
+    """(scene, caption) pairs of a demo set: n pictures of what the set teaches, then `plain` plain base figures
+    captioned without its word (default: CONTRAST for a style set, none for the character). Colours, backgrounds
+    and shapes are spread evenly, not drawn."""
     if name not in DEMO_SETS:
         raise ValueError(f"unknown demo dataset {name!r}; there are: {', '.join(DEMO_SETS)}")
     rng = np.random.default_rng(seed)
@@ -237,4 +248,9 @@ def demo_dataset(name: str, n: int = 16, seed: int = 7) -> list[tuple[Scene, str
         else:
             scene = replace(base, shape=CHARACTER_SHAPE, colour=colour, background=bg)
             items.append((scene, character_prompt(colour, bg)))
+    plain = (CONTRAST if name in STYLES else 0) if plain is None else plain
+    for k in range(plain):  # shifted against the set's own spread, so the plain ones are other combinations
+        scene = replace(sample_scene(rng), shape=BASE_SHAPES[(k + 2) % len(BASE_SHAPES)],
+                        colour=colours[(k + 3) % len(colours)], background=backgrounds[k % len(backgrounds)])
+        items.append((scene, caption(scene)))
     return items
