@@ -11,9 +11,17 @@ and three checks:
 the recommended checkpoint's quality is within 10% of the best checkpoint's; the last checkpoint is worse than the
 recommended one; the checkpoint with the lowest validation loss is no better than the recommended one.
 
-Too hot at the preset's own rate: its cosine schedule spread over 4× the steps keeps the rate near 7e-3 four times
-as long, and the demo LoRAs break within a few hundred steps of that (stop 26: both demo sets were best at the
-first checkpoint, step 200, and never recovered; at 2× the rate, stop 25, they were broken from the first).
+Four times too long at the preset's own rate: its cosine schedule spread over 4× the steps keeps the rate high four
+times as long. What it showed (stop 26, two runs side by side at 1 thread, 7-9 minutes of training each):
+- preset lr 7e-3, style set without plain pictures, and the character: both best at the first checkpoint (step
+  200; true quality 0.19 / 0.21), broken from step 400 on; the rule picked step 200 for both and passed.
+- preset lr 5e-3 with the style set's plain pictures: the style's true quality rises to 0.66 at step 1600 and
+  falls to 0.50 at 2000, the arc the rule must find, but likeness is best at step 200, whose quality is 0.17:
+  the rule fails. The
+  character's quality swings between 0.28 and 0.52 from checkpoint to checkpoint. At 1.4× the rate (7e-3) the
+  style is broken from the first checkpoint (best 0.08), which proves nothing.
+So likeness (VAE-feature statistics) does not track what the demo truth measures once a LoRA learns without
+breaking; see tests/test_recommendation_proof.py (opt-in, fails today).
 """
 from __future__ import annotations
 
