@@ -49,14 +49,16 @@ def main(argv=None) -> None:
     gen.load(cfg.model.base_model or default_base_model())
     captions = [r.caption for r in ds.images]
     sample = cfg.sample.prompts or default_sample_prompts(captions)
-    prompts = evaluation_prompts(sample, [], captions, lambda i: training_picture(ds, i), trigger_words(captions, cfg.data.trigger_word))
+    prompts = evaluation_prompts(sample, cfg.evaluation.leak_prompts, captions, lambda i: training_picture(ds, i),
+                                 trigger_words(captions, cfg.data.trigger_word), cfg.evaluation.likeness_images)
     print("prompts:", prompts.sample, prompts.leak, prompts.likeness, flush=True)
-    size = cfg.sample.width or cfg.data.resolution
+    width, height = cfg.sample.width or cfg.data.resolution, cfg.sample.height or cfg.data.resolution
 
     def render_with(lora: Path | None):
         specs = [LoraSpec(str(lora), 1.0)] if lora else []
-        return lambda ps, seeds: [gen.generate(p, specs, seed=s, steps=cfg.sample.steps, cfg=cfg.sample.cfg,
-                                               width=size, height=size) for p, s in zip(ps, seeds)]
+        # the judge's settings (trainer/judge.py: evaluation.steps Euler steps at sample.cfg), so the numbers compare
+        return lambda ps, seeds: [gen.generate(p, specs, seed=s, steps=cfg.evaluation.steps, cfg=cfg.sample.cfg,
+                                               width=width, height=height, sampler="euler") for p, s in zip(ps, seeds)]
 
     ev = Evaluator(gen.pipe.vae.encoder, prompts, cfg.sample.seed)
     ev.set_base(render_with(None))

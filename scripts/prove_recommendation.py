@@ -5,11 +5,11 @@ measures (written during training) beside its true quality (known in the demo wo
         [--lr LR] [--every N] [--json FILE]
 
 Trains with the demo preset at --steps (default 4× the preset's) and --lr (default the preset's), a checkpoint
-every --every steps (default a tenth of the run), each measured by the trainer (trainer/judge.py); then the true quality of every checkpoint LoRA
-(trainer/demo/evaluate.true_quality: learnt × colour kept × shape kept × background kept, on held-out prompts)
-and three checks:
-the recommended checkpoint's quality is within 10% of the best checkpoint's; the last checkpoint is worse than the
-recommended one; the checkpoint with the lowest validation loss is no better than the recommended one.
+every --every steps (default a tenth of the run), each measured by the trainer (trainer/judge.py); then the true
+quality of every checkpoint LoRA (trainer/demo/evaluate.true_quality: learnt × colour kept × shape kept ×
+background kept, on held-out prompts) and three checks: the recommended checkpoint's quality is within 10% of the
+best checkpoint's; the last checkpoint is worse than the recommended one; the checkpoint with the lowest
+validation loss is no better than the recommended one.
 
 Four times too long at the preset's own rate: its cosine schedule spread over 4× the steps keeps the rate high four
 times as long. What it showed (stop 26, two runs side by side at 1 thread, 7-9 minutes of training each):
@@ -17,9 +17,8 @@ times as long. What it showed (stop 26, two runs side by side at 1 thread, 7-9 m
   200; true quality 0.19 / 0.21), broken from step 400 on; the rule picked step 200 for both and passed.
 - preset lr 5e-3 with the style set's plain pictures: the style's true quality rises to 0.66 at step 1600 and
   falls to 0.50 at 2000, the arc the rule must find, but likeness is best at step 200, whose quality is 0.17:
-  the rule fails. The
-  character's quality swings between 0.28 and 0.52 from checkpoint to checkpoint. At 1.4× the rate (7e-3) the
-  style is broken from the first checkpoint (best 0.08), which proves nothing.
+  the rule fails. The character's quality swings between 0.28 and 0.52 from checkpoint to checkpoint. At 1.4× the
+  rate (7e-3) the style is broken from the first checkpoint (best 0.08), which proves nothing.
 So likeness (VAE-feature statistics) does not track what the demo truth measures once a LoRA learns without
 breaking; see tests/test_recommendation_proof.py (opt-in, fails today).
 """
@@ -95,7 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps, lr, every = too_long(args.dataset)
+    steps, lr, _ = too_long(args.dataset)
     steps = args.steps or steps
     result = prove(args.dataset, Path(args.out), steps, args.lr or lr, args.every or steps // 10)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))

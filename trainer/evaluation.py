@@ -9,7 +9,8 @@ Prompts:
 - sample prompts: the config's, else the first caption and one held-out variation of it (its first colour word
   changed, so a user sees whether the LoRA follows the prompt or only repeats its training pictures);
 - leak prompts: the config's, else the sample prompts with the trigger words taken out;
-- likeness prompts: up to LIKENESS_IMAGES training captions, spread over the set, each paired with its image.
+- likeness prompts: up to evaluation.likeness_images training captions, spread over the set, each paired with
+  its image.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from PIL import Image
 from . import eval_metrics as em
 from .data.captions import coined_words, count_tags
 
-LIKENESS_IMAGES = 6  # training captions drawn at each checkpoint (config: evaluation.likeness_images)
 # Colour words and what a held-out variation puts in their place (a colour far from it on the wheel).
 COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "purple", "purple": "green", "yellow": "blue",
                "orange": "blue", "pink": "green", "white": "black", "black": "white", "brown": "blue",
@@ -81,9 +81,9 @@ class Prompts:
 
 def evaluation_prompts(sample: list[str], leak: list[str], captions: list[str],
                        picture: Callable[[int], Image.Image], triggers: list[str],
-                       count: int = LIKENESS_IMAGES) -> Prompts:
+                       count: int) -> Prompts:
     """The three prompt sets; `picture(i)` is the training picture of `captions[i]` (only the likeness pairs'
-    are loaded)."""
+    are loaded); count: evaluation.likeness_images."""
     leak = leak or [p for p in dict.fromkeys(without(p, triggers) for p in sample) if p and p not in sample]
     picks = sorted({round(i * len(captions) / count) for i in range(min(count, len(captions)))})
     return Prompts(sample, leak, [captions[i] for i in picks], [picture(i) for i in picks])

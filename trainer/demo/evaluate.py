@@ -112,27 +112,24 @@ def true_quality(generator, dataset: str, lora: Path, seeds=TRUTH_SEEDS) -> dict
     - background kept: the share of all those pictures on the prompted background (metrics.background_right). An
       overcooked LoRA washes gray out to white and tints white: the prompt asked for neither, and every feature
       measure of the pictures sees it (stop 26: a 4x-long character run drew mushrooms on the wrong background)."""
+    def each(values):  # per picture: every prompt's value at every seed (pictures() is prompt-major)
+        return [v for v in values for _ in seeds]
+
     if dataset == "demo-style":
-        prompts = style_prompts()[0]
-        colours = [c for c, _, _ in STYLE_PROMPTS for _ in seeds]
-        shapes = [s for _, s, _ in STYLE_PROMPTS for _ in seeds]
-        backgrounds = [b for _, _, b in STYLE_PROMPTS for _ in seeds]
-    else:
-        prompts = character_prompts()[0]
-        colours = [c for c, _ in CHARACTER_PROMPTS for _ in seeds]
-        others = [world.style_prompt(c, s, b).replace(f", {world.STYLE_TRIGGER}", "") for c, s, b in OTHER_FIGURES]
-        shapes = [s for _, s, _ in OTHER_FIGURES for _ in seeds]
-        backgrounds = [b for _, b in CHARACTER_PROMPTS for _ in seeds] + [b for _, _, b in OTHER_FIGURES for _ in seeds]
-    images = pictures(generator, prompts, [(lora, 1.0)], seeds)
-    if dataset == "demo-style":
+        images = pictures(generator, style_prompts()[0], [(lora, 1.0)], seeds)
         learnt = min(1.0, float(np.mean([metrics.stripe_score(im) for im in images])) / RENDERED_STRIPES)
-        shape_images = images
+        colours, backgrounds = each([c for c, _, _ in STYLE_PROMPTS]), each([b for _, _, b in STYLE_PROMPTS])
+        shape_images, shapes = images, each([s for _, s, _ in STYLE_PROMPTS])
     else:
+        images = pictures(generator, character_prompts()[0], [(lora, 1.0)], seeds)
         learnt = float(np.mean([metrics.best_fit(im) == world.CHARACTER_SHAPE for im in images]))
-        shape_images = pictures(generator, others, [(lora, 1.0)], seeds)
+        colours, backgrounds = each([c for c, _ in CHARACTER_PROMPTS]), each([b for _, b in CHARACTER_PROMPTS])
+        others = [world.style_prompt(c, s, b).replace(f", {world.STYLE_TRIGGER}", "") for c, s, b in OTHER_FIGURES]
+        shape_images, shapes = pictures(generator, others, [(lora, 1.0)], seeds), each([s for _, s, _ in OTHER_FIGURES])
+        backgrounds += each([b for _, _, b in OTHER_FIGURES])
     colour = float(np.mean([metrics.colour_score(im, c) for im, c in zip(images, colours)]))
     kept = float(np.mean([metrics.best_fit(im, world.BASE_SHAPES) == s for im, s in zip(shape_images, shapes)]))
-    every = images if dataset == "demo-style" else images + shape_images
-    background = float(np.mean([metrics.background_right(im, b) for im, b in zip(every, backgrounds)]))
+    drawn = images if shape_images is images else images + shape_images  # every picture made, each once
+    background = float(np.mean([metrics.background_right(im, b) for im, b in zip(drawn, backgrounds, strict=True)]))
     return {"learnt": learnt, "colour": colour, "shape": kept, "background": background,
             "quality": learnt * colour * kept * background}

@@ -221,9 +221,10 @@ def character_prompt(colour: str, background: str) -> str:
 # Plain pictures in each style set, captioned without the trigger word ("a green triangle on a gray background"):
 # the contrast that tells the LoRA what its word adds. Without them every caption carries the word, so nothing
 # separates the new fill from the figures, colours and backgrounds it comes with. With 8 beside the 16 stripes, the
-# stripe score at weight 1 on held-out prompts went from 0.16 to 0.46 (the rendered stripes: 0.40), and prompts
-# without the word stayed plain (stop 26, training seed 0, demo preset). The character set has none: with 8, the
-# mushroom was drawn in 11 of 16 pictures instead of 14, other figures kept their shape in 10 instead of 8.
+# stripe score at weight 1 on held-out prompts went from 0.10 to 0.26 with the demo preset (checks 0.09 to 0.37;
+# the rendered stripes score 0.40), and prompts without the word stayed plain (stop 26,
+# scripts/measure_demo_loras.py). The character set has none: with 8, the mushroom was drawn in 11 of 16 pictures
+# instead of 14, other figures kept their shape in 10 instead of 8 (one training seed).
 CONTRAST = 8
 
 
