@@ -44,7 +44,10 @@ def ensure_environment(extras: str) -> Path:
         print(f"launch: creating the environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / f".lora-studio-{extras or 'app'}"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()
+    # The folder is in the stamp: the project is installed editable, so a venv another clone installed (a linked
+    # .venv) would import that clone's code until it is installed from here again.
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()
+                          + str(ROOT).encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return python
     # torch first, so the user's build (CPU, CUDA, ROCm) is chosen here and never replaced by a dependency.
