@@ -15,12 +15,15 @@ import pandas as pd
 from app import checkpoints as ckpts
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
-from app.jobs import Jobs
+from app.jobs import Jobs, sample_caption, samples_label
 from app.train_panel import on_screen_run
 from trainer.events import read_events
 
 MEASURES = {"likeness": "likeness (base 0, training images 1)", "strength": "strength (change on its prompts)",
             "leak": "leak (change on prompts without the trigger)", "validation_loss": "validation loss"}
+
+
+PAIRS_TITLE = "Base | latest for each sample prompt, older samples below"
 
 
 def side_by_side(events: list[dict]) -> list[tuple[str, str]]:
@@ -31,14 +34,19 @@ def side_by_side(events: list[dict]) -> list[tuple[str, str]]:
     base = next((e for e in samples if e.get("step") == 0), None)
     latest = samples[-1]
     items = []
-    for i, prompt in enumerate(latest.get("prompts", [])):
+    for i, _ in enumerate(latest.get("prompts", [])):
         if base is not None and base is not latest and i < len(base.get("paths", [])):
-            items.append((base["paths"][i], f"base (step 0): {prompt}"))
-        items.append((latest["paths"][i], f"step {latest['step']}: {prompt}"))
+            items.append((base["paths"][i], sample_caption("base", i)))
+        items.append((latest["paths"][i], sample_caption(f"step {latest['step']}", i)))
     for e in reversed(samples[:-1]):
         if e is not base:
-            items += [(p, f"step {e['step']}: {q}") for p, q in zip(e.get("paths", []), e.get("prompts", []))]
+            items += [(p, sample_caption(f"step {e['step']}", i)) for i, p in enumerate(e.get("paths", []))]
     return items
+
+
+def sample_prompts(events: list[dict]) -> list[str]:
+    """The latest sample event's prompts: what the captions' prompt numbers refer to."""
+    return next((e.get("prompts", []) for e in reversed(events) if e.get("event") == "sample"), [])
 
 
 def evaluation_frame(events: list[dict]) -> pd.DataFrame | None:
@@ -71,7 +79,8 @@ def refresh(jobs: Jobs, shown: tuple, name: str | None = None):
     if stamp == tuple(shown or ()):
         return gr.skip(), gr.skip(), gr.skip(), stamp
     events = read_events(run) if run else []
-    return side_by_side(events), evaluation_frame(events), recommendation_html(events), stamp
+    pairs = gr.update(value=side_by_side(events), label=samples_label(PAIRS_TITLE, sample_prompts(events)))
+    return pairs, evaluation_frame(events), recommendation_html(events), stamp
 
 
 def keep_recommended(jobs: Jobs, folders: Folders, name: str | None = None) -> str:
@@ -85,7 +94,7 @@ def keep_recommended(jobs: Jobs, folders: Folders, name: str | None = None) -> s
 
 def build(folders: Folders, jobs: Jobs, on_screen: gr.State) -> None:
     """The block's components and events (call inside the Train tab's layout); `on_screen`: the run's name."""
-    pairs = gr.Gallery(label="Base | latest for each sample prompt, older samples below", columns=4, height=300,
+    pairs = gr.Gallery(label=PAIRS_TITLE, columns=4, height=300,
                        elem_id="base-latest", object_fit="contain", fit_columns=False)
     chart = gr.LinePlot(None, x="step", y="value", color="measure", title="Checkpoint measures", height=260,
                         elem_id="evaluation-plot")

@@ -45,7 +45,8 @@ class RunView:
     lr: float | None = None
     it_s: float | None = None
     eta_s: float | None = None
-    samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption: "step N · prompt K")
+    sample_prompts: list[str] = field(default_factory=list)  # the latest sample event's, numbered from 1
     dataset_lines: list[str] = field(default_factory=list)
     checkpoint: str | None = None
     checkpoint_step: int = 0
@@ -79,9 +80,9 @@ class RunView:
             if ev.get("loss") is not None:
                 self.loss.append((ev["step"], float(ev["loss"])))
         elif kind == "sample":
-            prompts = ev.get("prompts") or [""] * len(ev.get("paths", []))
-            for path, prompt in zip(ev.get("paths", []), prompts):
-                self.samples.append((str(path), f"step {ev.get('step')}: {prompt}"))
+            self.sample_prompts = ev.get("prompts") or self.sample_prompts
+            for i, path in enumerate(ev.get("paths", [])):
+                self.samples.append((str(path), sample_caption(f"step {ev.get('step')}", i)))
         elif kind == "checkpoint":
             self.checkpoint, self.checkpoint_step = ev.get("path"), ev.get("step", self.step)
         elif kind in ("saved", "done"):
@@ -93,6 +94,18 @@ class RunView:
             self.step = ev.get("step", self.step)
         elif kind == "error":
             self.message = ev.get("message", "the trainer reported an error without a message")
+
+
+def sample_caption(when: str, index: int) -> str:
+    """A sample picture's caption: the step and the number of its prompt. A whole prompt does not fit under a
+    thumbnail (it was cut to "step 200: a …"); the prompts are listed by number in the gallery's label."""
+    return f"{when} · prompt {index + 1}"
+
+
+def samples_label(title: str, prompts: list[str]) -> str:
+    """A samples gallery's label: its title and the numbered prompts its captions refer to."""
+    listed = "; ".join(f"prompt {i + 1}: {p}" for i, p in enumerate(prompts))
+    return f"{title}. {listed}" if listed else title
 
 
 def _pid_alive(pid: int, config_path: Path) -> bool:

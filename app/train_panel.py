@@ -13,8 +13,10 @@ import pandas as pd
 
 from app import runs
 from app.folders import Folders
-from app.jobs import Jobs, RunView
+from app.jobs import Jobs, RunView, samples_label
 from app.run_queue import RunQueue
+
+SAMPLES_TITLE = "Samples (newest first)"
 
 STATUS_TEXT = {"new": "not started", "starting": "starting (loading the model and the dataset)",
                "running": "running", "done": "finished", "stopped": "stopped",
@@ -88,8 +90,9 @@ def refresh(folders: Folders, jobs: Jobs, queue: RunQueue, shown: dict, name: st
         outputs.append(loss_frame(view.loss) if n_loss else None)
     else:
         outputs.append(gr.skip())
-    outputs.append(gr.skip() if shown.get("samples") == key(n_samples)
-                   else list(reversed(view.samples)) if view else [])
+    outputs.append(gr.skip() if shown.get("samples") == key(n_samples) else
+                   gr.update(value=list(reversed(view.samples)) if view else [],
+                             label=samples_label(SAMPLES_TITLE, view.sample_prompts if view else [])))
     done_path = view.lora_path if view and view.status == "done" and Path(view.lora_path or "").is_file() else None
     outputs.append(gr.skip() if shown.get("download") == key(done_path) else
                    gr.update(value=done_path, visible=done_path is not None,
@@ -145,7 +148,7 @@ def build_train_panel() -> TrainPanel:
     download = gr.DownloadButton("Download", visible=False, elem_id="download-trained")
     loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=200,
                             elem_id="loss-plot")
-    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=190, elem_id="samples",
+    samples = gr.Gallery(label=SAMPLES_TITLE, columns=4, height=190, elem_id="samples",
                          object_fit="contain", fit_columns=False)
     with gr.Accordion("Runs and queue", open=True, elem_id="runs-section"):
         run_picker = gr.Dropdown([], label="Run on screen", elem_id="run-picker",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from PIL import Image
 
@@ -80,9 +81,9 @@ def test_base_beside_latest_then_older_samples(tmp_path):
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     items = ev.side_by_side(events)
     captions = [c for _, c in items]
-    assert captions[:4] == ["base (step 0): a red circle", "step 100: a red circle",
-                            "base (step 0): a blue circle", "step 100: a blue circle"]
-    assert captions[4:] == ["step 50: a red circle", "step 50: a blue circle"]
+    assert captions[:4] == ["base · prompt 1", "step 100 · prompt 1", "base · prompt 2", "step 100 · prompt 2"]
+    assert captions[4:] == ["step 50 · prompt 1", "step 50 · prompt 2"]
+    assert ev.sample_prompts(events) == ["a red circle", "a blue circle"]  # the numbers' legend
     assert items[0][0].endswith("step_000000_0.png") and items[1][0].endswith("step_000100_0.png")
 
 
@@ -116,9 +117,10 @@ def test_the_train_tab_poll_sends_only_when_the_run_grows(tmp_path):
             return run
 
     pairs, frame, text, stamp = ev.refresh(OneRun(), ())
-    assert len(pairs) == 6 and frame is not None and 'data-step="50"' in text
+    assert len(pairs["value"]) == 6 and frame is not None and 'data-step="50"' in text
+    assert pairs["label"].endswith("prompt 1: a red circle; prompt 2: a blue circle")  # what the captions number
     again = ev.refresh(OneRun(), stamp)
-    assert again[3] == stamp and all(isinstance(x, dict) and x.get("__type__") == "update" for x in again[:3])
+    assert again[3] == stamp and all(x == gr.skip() for x in again[:3])
     with open(run / "events.jsonl", "a") as f:
         f.write(json.dumps({"event": "recommendation", "step": 100, "lora": "x", "reason": "later"}) + "\n")
     assert 'data-step="100"' in ev.refresh(OneRun(), stamp)[2]
@@ -144,7 +146,7 @@ def test_the_evidence_follows_the_run_on_screen_and_keep_takes_its_recommendatio
 
     assert 'data-step="7"' in ev.refresh(TwoRuns(), ())[2]  # nothing opened: the running/newest run
     pairs, _, text, _ = ev.refresh(TwoRuns(), (), "my-style")
-    assert len(pairs) == 6 and 'data-step="50"' in text
+    assert len(pairs["value"]) == 6 and 'data-step="50"' in text
     folders = Folders.create(tmp_path / "models", tmp_path / "outputs")
     message = ev.keep_recommended(TwoRuns(), folders, "my-style")
     assert "step 50" in message
