@@ -101,3 +101,15 @@ def test_cli_grid_writes_the_labelled_grid(world, tmp_path, capsys):
     assert main(["generate", "--base-model", str(base), "--prompt", "a", "--grid", "seed=1", "--grid", "seed=2",
                  "--grid", "seed=3", "--out", str(out)]) == 2
     assert "give one (columns) or two" in capsys.readouterr().err
+
+
+def test_a_lora_both_on_an_axis_and_in_a_prompt_tag_is_refused(world):
+    """Its weights would add up: the weight axis 0, 1 would draw 0.8 and 1.8, labelled 0 and 1."""
+    _, _, style, hero, gen = world
+    x = make_axis("weight", [0, 1], style)
+    with pytest.raises(StudioError, match=r"'style' is both in the prompt \(<lora:style:…>\) and given apart"):
+        render_grid(gen, Picture("a red circle <lora:style:0.8>", [], "", 5), x, steps=1)
+    with pytest.raises(StudioError, match="'style' is both"):  # one picture alone: the same rule
+        gen.generate("a red circle <lora:style:0.8>", [LoraSpec(style, 1.0)], steps=1)
+    # another LoRA in a tag stacks as before
+    render_grid(gen, Picture("a red circle <lora:hero:0.5>", [], "", 5), x, steps=1)

@@ -211,7 +211,7 @@ def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 
     """Generator.generate for many pictures, up to max_batch per pipeline call: picture i equals the picture
     gen.generate renders alone with the same prompt, mix and seed (to float tolerance). progress: generate's,
     counted in picture-steps (a call of k pictures reports k per step; all calls reach steps × pictures)."""
-    from .generate import SAMPLERS, LoraSpec, _step_callback, decode_latents, parse_prompt_loras
+    from .generate import SAMPLERS, LoraSpec, _step_callback, decode_latents, with_tagged
 
     if sampler not in SAMPLERS:
         raise StudioError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -219,8 +219,7 @@ def render_pictures(gen, pictures: list[Picture], steps: int = 20, cfg: float = 
         raise StudioError(f"max_batch is {max_batch}: use 1 or more pictures per call")
     resolved = []
     for p in pictures:
-        prompt, tagged = parse_prompt_loras(p.prompt)
-        specs = list(p.loras) + [LoraSpec(str(gen.resolve(n)), u, t) for n, u, t in tagged]
+        prompt, specs = with_tagged(p.prompt, p.loras, gen.resolve)
         specs = [LoraSpec(str(Path(s.path).resolve()), *s.weights()) for s in specs]
         resolved.append(Picture(prompt, specs, p.negative_prompt, p.seed))
     # every file read and checked (family, NaN, fit) as the single-picture path does, before any work

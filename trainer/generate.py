@@ -69,6 +69,23 @@ class LoraSpec:
         return self.unet_weight, self.unet_weight if self.te_weight is None else self.te_weight
 
 
+def with_tagged(prompt: str, loras, resolve) -> tuple[str, list["LoraSpec"]]:
+    """(the prompt without its <lora:…> tags, `loras` + the tagged LoRAs); `resolve`: a tag's name → its file.
+    A LoRA both in `loras` (a picker, --lora, a grid axis) and in a tag is refused: the two weights would add up
+    (a grid's weight axis 0…1 would run 0.8…1.8 under <lora:x:0.8>), and nothing on screen would say so."""
+    prompt, tagged = parse_prompt_loras(prompt)
+    given = {str(Path(s.path).resolve()) for s in loras}
+    specs = list(loras)
+    for name, unet, te in tagged:
+        path = resolve(name)
+        if str(Path(path).resolve()) in given:
+            raise StudioError(f"the LoRA '{name}' is both in the prompt (<lora:{name}:…>) and given apart from it "
+                              f"({Path(path).name}): its two weights would add up; take the tag out of the prompt, "
+                              "or the LoRA out of the mix")
+        specs.append(LoraSpec(str(path), unet, te))
+    return prompt, specs
+
+
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
     """A1111's `<lora:name:weight>` / `<lora:name:te_weight:unet_weight>` → (clean prompt, [(name, unet, te)])."""
     found = []
@@ -228,8 +245,7 @@ class Generator:
     def generate(self, prompt: str, loras: list[LoraSpec] = (), negative_prompt: str = "", seed: int = 0,
                  steps: int = 20, cfg: float = 7.0, width: int = 0, height: int = 0, sampler: str = "euler",
                  clip_skip: int = 1, progress: Progress | None = None) -> Image.Image:
-        prompt, tagged = parse_prompt_loras(prompt)
-        specs = list(loras) + [LoraSpec(str(self.resolve(n)), u, t) for n, u, t in tagged]
+        prompt, specs = with_tagged(prompt, loras, self.resolve)
         self.set_loras(specs)
         cls, extra = SAMPLERS[sampler] if sampler in SAMPLERS else (None, None)
         if cls is None:
