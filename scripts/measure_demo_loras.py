@@ -90,7 +90,8 @@ def main(argv=None) -> None:
         report[dataset] = style_sweep(gen, dataset, loras[dataset])
         for weight, row in report[dataset].items():
             print(f"{dataset:14s} w={weight:<5g} pattern {row['pattern']:.3f}  colour kept {row['colour_kept']:.2f}  "
-                  f"silhouette IoU {row['shape_kept']:.2f}  shape right {row['shape_right']:.2f}", flush=True)
+                  f"shape IoU {row['shape_kept']:.2f}  in place {row['place_kept']:.2f}  "
+                  f"shape right {row['shape_right']:.2f}", flush=True)
     character, character_colours = character_prompts()
     stacked = [p + f", {world.STYLE_TRIGGER}" for p in character]
     runs = [(f"demo-style w={w}", style_prompts()[0], style_prompts()[1], [(loras["demo-style"], w)])

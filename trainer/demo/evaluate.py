@@ -67,7 +67,10 @@ def style_sweep(generator, dataset: str, lora: Path, weights=STYLE_WEIGHTS) -> d
     """A style LoRA on the held-out style prompts × SEEDS at each weight: weight → {
     "pattern": the mean score of the set's fill (stripe_score / check_score),
     "colour_kept": the share of pictures whose commonest hue is the prompted colour,
-    "shape_kept": the mean silhouette IoU with the same prompt and seed at weight 0 (the figure stays put),
+    "shape_kept": the mean IoU of the figure's outline with the same prompt and seed's at weight 0, each scaled to
+        its bounding box (metrics.shape_iou: the same shape, wherever and however large it is drawn),
+    "place_kept": the mean IoU of the two figures where they stand (metrics.silhouette_iou: also put in the same
+        place at the same size),
     "shape_right": the share whose figure still fits the prompted shape best of the five}."""
     score = PATTERN_SCORES[world.STYLES[dataset][0]]
     prompts, colours = style_prompts(dataset)
@@ -80,7 +83,8 @@ def style_sweep(generator, dataset: str, lora: Path, weights=STYLE_WEIGHTS) -> d
         out[weight] = {
             "pattern": float(np.mean([score(im) for im in images])),
             "colour_kept": float(np.mean([metrics.commonest_colour(im) == c for im, c in zip(images, colours)])),
-            "shape_kept": float(np.mean([metrics.silhouette_iou(im, ref) for im, ref in zip(images, plain)])),
+            "shape_kept": float(np.mean([metrics.shape_iou(im, ref) for im, ref in zip(images, plain)])),
+            "place_kept": float(np.mean([metrics.silhouette_iou(im, ref) for im, ref in zip(images, plain)])),
             "shape_right": float(np.mean([metrics.best_fit(im, world.BASE_SHAPES) == s
                                           for im, s in zip(images, shapes)]))}
     return out

@@ -10,6 +10,8 @@ They judge generated pictures of the shape world (trainer/demo/world.py), where 
   shapes. best_fit names the template a silhouette overlaps most, for a yes/no per picture.
 - colour_score: the content. Of the coloured pixels, the share whose hue is nearest the prompted colour's.
 - background_right: the prompted background. Whether the picture's frame is the prompted background colour.
+- silhouette_iou / shape_iou: whether a styled figure is the figure drawn without the style, where it stands /
+  as a shape (place and size aside).
 - edge_width: crispness. Pixels of blend between figure and background per pixel of outline: about 1 for the
   world's own (anti-aliased) rendering, 2-3 for a soft blob.
 
@@ -211,6 +213,28 @@ def silhouette_iou(image, reference) -> float:
     a, b = (foreground(as_array(im)) > 0.5 for im in (image, reference))
     union = (a | b).sum()
     return float((a & b).sum() / union) if union else 1.0
+
+
+# Gaps up to this wide (px) between a figure's parts are closed before outlines are compared: the world's dark
+# bands are half a stripe period wide, and on a black background a band can melt into it.
+BAND_GAP = world.STRIPE_PERIOD // 2 + 1
+
+
+def shape_iou(image, reference) -> float:
+    """IoU of two pictures' figure outlines, each scaled to its bounding box: is a styled figure still the shape
+    the same seed drew without the style, wherever and however large it is drawn? Gaps of up to BAND_GAP pixels
+    are closed first (a closing: dilate, then erode), so a pattern's dark bands that melt into a dark background
+    do not cut the outline into bars. 0 when either picture has no figure."""
+    a, b = (silhouette(_closed(foreground(as_array(im)) > 0.5)) for im in (image, reference))
+    if a is None or b is None:
+        return 0.0
+    return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-6))
+
+
+def _closed(mask: np.ndarray) -> np.ndarray:
+    img = Image.fromarray((mask * 255).astype(np.uint8), "L")
+    closed = img.filter(ImageFilter.MaxFilter(BAND_GAP)).filter(ImageFilter.MinFilter(BAND_GAP))
+    return np.asarray(closed, np.float32) / 255.0
 
 
 def commonest_colour(image) -> str:
