@@ -15,7 +15,7 @@ import pandas as pd
 from app import checkpoints as ckpts
 from app.errors import UserError, shown_as_gr_error
 from app.folders import Folders
-from app.jobs import Jobs, sample_caption, samples_label
+from app.jobs import Jobs, prompt_legend, sample_caption
 from app.train_panel import on_screen_run
 from trainer.events import read_events
 
@@ -79,7 +79,8 @@ def refresh(jobs: Jobs, shown: tuple, name: str | None = None):
     if stamp == tuple(shown or ()):
         return gr.skip(), gr.skip(), gr.skip(), stamp
     events = read_events(run) if run else []
-    pairs = gr.update(value=side_by_side(events), label=samples_label(PAIRS_TITLE, sample_prompts(events)))
+    legend = prompt_legend(sample_prompts(events))
+    pairs = gr.update(value=side_by_side(events), label=f"{PAIRS_TITLE}. {legend}" if legend else PAIRS_TITLE)
     return pairs, evaluation_frame(events), recommendation_html(events), stamp
 
 

@@ -45,7 +45,7 @@ class RunView:
     lr: float | None = None
     it_s: float | None = None
     eta_s: float | None = None
-    samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption: "step N · prompt K")
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (image path, caption: "step N · #K")
     sample_prompts: list[str] = field(default_factory=list)  # the latest sample event's, numbered from 1
     dataset_lines: list[str] = field(default_factory=list)
     checkpoint: str | None = None
@@ -98,14 +98,13 @@ class RunView:
 
 def sample_caption(when: str, index: int) -> str:
     """A sample picture's caption: the step and the number of its prompt. A whole prompt does not fit under a
-    thumbnail (it was cut to "step 200: a …"); the prompts are listed by number in the gallery's label."""
-    return f"{when} · prompt {index + 1}"
+    thumbnail (it was cut to "step 200: a …"); prompt_legend lists the prompts by number beside the pictures."""
+    return f"{when} · #{index + 1}"
 
 
-def samples_label(title: str, prompts: list[str]) -> str:
-    """A samples gallery's label: its title and the numbered prompts its captions refer to."""
-    listed = "; ".join(f"prompt {i + 1}: {p}" for i, p in enumerate(prompts))
-    return f"{title}. {listed}" if listed else title
+def prompt_legend(prompts: list[str]) -> str:
+    """What the captions' numbers stand for: "#1: a red circle; #2: a blue circle"."""
+    return "; ".join(f"#{i + 1}: {p}" for i, p in enumerate(prompts))
 
 
 def _pid_alive(pid: int, config_path: Path) -> bool:

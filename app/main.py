@@ -27,6 +27,9 @@ CSS = """
                overflow-y: auto; }
 .caption-card img { object-fit: cover; }
 #train-status-text progress { height: 14px; margin-top: 6px; }
+#sample-legend { font-size: 0.85em; opacity: 0.8; }
+/* a sample's caption ("step 200 · #1") may use the thumbnail's whole width */
+#samples .caption-label, #base-latest .caption-label { max-width: 100%; }
 /* small pictures (the demo model's are 64 px) fill the box instead of sitting in its middle at their own size */
 #gen-image img { width: 100%; height: 100%; object-fit: contain; }
 #sweep-image .image-frame, #sweep-image img { width: 100%; height: auto; object-fit: contain !important; }

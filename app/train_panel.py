@@ -13,10 +13,8 @@ import pandas as pd
 
 from app import runs
 from app.folders import Folders
-from app.jobs import Jobs, RunView, samples_label
+from app.jobs import Jobs, RunView, prompt_legend
 from app.run_queue import RunQueue
-
-SAMPLES_TITLE = "Samples (newest first)"
 
 STATUS_TEXT = {"new": "not started", "starting": "starting (loading the model and the dataset)",
                "running": "running", "done": "finished", "stopped": "stopped",
@@ -54,8 +52,11 @@ def status_html(view: RunView | None, queued_at: int = 0, ready: bool = False) -
         parts.append(f"saved {html.escape(Path(view.lora_path).name)}: it is in the Gallery tab")
     bar = f'<progress value="{view.step}" max="{max(view.total, 1)}" style="width:100%"></progress>'
     message = f"<pre style='white-space:pre-wrap'>{html.escape(view.message)}</pre>" if view.message else ""
+    # the samples' captions say "step 200 · #1": what #1 is
+    legend = (f'<div id="sample-legend">Sample prompts: {html.escape(prompt_legend(view.sample_prompts))}</div>'
+              if view.sample_prompts else "")
     return (f'<div id="train-status-text" data-status="{view.status}" data-step="{view.step}" '
-            f'data-run="{html.escape(view.name)}"{flag}>{" · ".join(parts)}{bar}{message}</div>')
+            f'data-run="{html.escape(view.name)}"{flag}>{" · ".join(parts)}{bar}{message}{legend}</div>')
 
 
 def loss_frame(points: list[tuple[int, float]], smoothing: float = 0.9) -> pd.DataFrame:
@@ -90,9 +91,8 @@ def refresh(folders: Folders, jobs: Jobs, queue: RunQueue, shown: dict, name: st
         outputs.append(loss_frame(view.loss) if n_loss else None)
     else:
         outputs.append(gr.skip())
-    outputs.append(gr.skip() if shown.get("samples") == key(n_samples) else
-                   gr.update(value=list(reversed(view.samples)) if view else [],
-                             label=samples_label(SAMPLES_TITLE, view.sample_prompts if view else [])))
+    outputs.append(gr.skip() if shown.get("samples") == key(n_samples)
+                   else list(reversed(view.samples)) if view else [])
     done_path = view.lora_path if view and view.status == "done" and Path(view.lora_path or "").is_file() else None
     outputs.append(gr.skip() if shown.get("download") == key(done_path) else
                    gr.update(value=done_path, visible=done_path is not None,
@@ -148,7 +148,7 @@ def build_train_panel() -> TrainPanel:
     download = gr.DownloadButton("Download", visible=False, elem_id="download-trained")
     loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss", height=200,
                             elem_id="loss-plot")
-    samples = gr.Gallery(label=SAMPLES_TITLE, columns=4, height=190, elem_id="samples",
+    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=190, elem_id="samples",
                          object_fit="contain", fit_columns=False)
     with gr.Accordion("Runs and queue", open=True, elem_id="runs-section"):
         run_picker = gr.Dropdown([], label="Run on screen", elem_id="run-picker",

@@ -81,8 +81,8 @@ def test_base_beside_latest_then_older_samples(tmp_path):
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     items = ev.side_by_side(events)
     captions = [c for _, c in items]
-    assert captions[:4] == ["base · prompt 1", "step 100 · prompt 1", "base · prompt 2", "step 100 · prompt 2"]
-    assert captions[4:] == ["step 50 · prompt 1", "step 50 · prompt 2"]
+    assert captions[:4] == ["base · #1", "step 100 · #1", "base · #2", "step 100 · #2"]
+    assert captions[4:] == ["step 50 · #1", "step 50 · #2"]
     assert ev.sample_prompts(events) == ["a red circle", "a blue circle"]  # the numbers' legend
     assert items[0][0].endswith("step_000000_0.png") and items[1][0].endswith("step_000100_0.png")
 
@@ -118,7 +118,7 @@ def test_the_train_tab_poll_sends_only_when_the_run_grows(tmp_path):
 
     pairs, frame, text, stamp = ev.refresh(OneRun(), ())
     assert len(pairs["value"]) == 6 and frame is not None and 'data-step="50"' in text
-    assert pairs["label"].endswith("prompt 1: a red circle; prompt 2: a blue circle")  # what the captions number
+    assert pairs["label"].endswith("#1: a red circle; #2: a blue circle")  # what the captions number
     again = ev.refresh(OneRun(), stamp)
     assert again[3] == stamp and all(x == gr.skip() for x in again[:3])
     with open(run / "events.jsonl", "a") as f:

@@ -105,8 +105,9 @@ def test_second_start_is_refused_and_does_not_disturb_the_first(jobs, tmp_path):
     # followed incrementally, every step is seen exactly once, in order
     assert [s for s, _ in view.loss] == list(range(1, 31))
     assert view.loss == [(ev["step"], ev["loss"]) for ev in read_events(first) if ev["event"] == "step"]
-    assert [c for _, c in view.samples] == ["step 10 · prompt 1", "step 20 · prompt 1", "step 30 · prompt 1"]
+    assert [c for _, c in view.samples] == ["step 10 · #1", "step 20 · #1", "step 30 · #1"]
     assert view.sample_prompts == ["a cat"]
+    assert 'Sample prompts: #1: a cat</div>' in status_html(view)  # what the captions' numbers stand for
     assert view.lora_path.endswith("out.safetensors") and view.dataset_lines == ["3 images usable"]
     assert j.current() == first and j.active() is None
 
