@@ -21,6 +21,14 @@ times as long. What it showed (stop 26, two runs side by side at 1 thread, 7-9 m
   rate (7e-3) the style is broken from the first checkpoint (best 0.08), which proves nothing.
 So likeness (VAE-feature statistics) does not track what the demo truth measures once a LoRA learns without
 breaking; see tests/test_recommendation_proof.py (opt-in, fails today).
+
+The same two runs' checkpoints re-scored with the truth at 32 seeds (stop 27; at 4 and 8 seeds a checkpoint's
+quality moved by more than the proof's 10% margin):
+- demo-style: 0.16 0.33 0.11 0.24 0.51 0.49 0.48 0.59 0.53 0.53 (steps 200…2000). Bad early, while the rate is
+  high, then a plateau from step 1000: the 4x run is not overcooked at its end (its cosine anneals), the last is
+  0.53 against the best 0.59. The rule picked step 200 (0.16): fails.
+- demo-character: 0.48 0.46 0.36 0.50 0.43 0.38 0.40 0.43 0.40 0.39. The rule picked step 200 (0.48, within 10%
+  of the best 0.50), the last is 0.39, the lowest validation loss (step 2000) 0.39: all three checks pass.
 """
 from __future__ import annotations
 
