@@ -11,7 +11,12 @@ DIR/grid.png, one row per (LoRA, weight).
 
 What it showed on the demo base of 2026-12-05 with the preset (lr 5e-3, 500 steps, rank 8, batch 4; the style
 sets with 8 plain pictures captioned without the trigger word; --threads 1, 200-290 s per LoRA on a shared CPU):
-- demo-style over weights 0 / 0.25 / 0.5 / 0.75 / 1: stripes 0.03 / 0.03 / 0.04 / 0.09 / 0.26, colour kept
+- stop 27, the style sets' first and third pictures swapped (a blue triangle on gray first, for the run's
+  samples): stripes 0.03 / 0.03 / 0.05 / 0.11 / 0.34, colour kept 1.0, shape right 0.75, outline IoU 0.80 (in
+  place 0.60); checks 0.38; character drawn 0.88; stacked stripes 0.37, drawn 0.75, colour kept 0.88. Rotating the
+  sets by two pictures instead kept the yellow diamond's colour in only 4 of 8 pictures over 8 seeds (28/32): the
+  batches' order is a draw of its own.
+- before that, demo-style over weights 0 / 0.25 / 0.5 / 0.75 / 1: stripes 0.03 / 0.03 / 0.04 / 0.09 / 0.26, colour kept
   0.5 → 1.0 (the base guesses wrong at the unknown trigger word; the LoRA restores the colour), shape right
   0.62 → 0.75, silhouette IoU with weight 0 falling to 0.57 (the figure is redrawn, not only filled).
 - demo-checks: check score 0.03 → 0.37 with colour kept 1.0 and shape right 0.62 → 0.75; each style's pictures

@@ -192,11 +192,16 @@ def train_lora(page, studio, dataset: str, lora: str, pictures: Pictures, claims
     claims.check(lora_file.is_file() and f"saved {lora_file.name}: it is in the Gallery tab" in text,
                  f"{lora}: the finished run names its LoRA file and the Gallery", (text, lora_file.is_file()))
     pictures.take(page, f"{lora}-finished", "#train-status", "#samples", in_view=True)
-    if first:  # README step 3: the first caption's samples keep faint stripes (a red circle on white)
+    if first:  # README step 3: the first caption's samples are striped by the end (a blue triangle on gray)
         first_prompt = [metrics.stripe_score(Image.open(ev["paths"][0])) for ev in (events[0], events[-1])]
-        claims.check(first_prompt[1] >= first_prompt[0] - 0.01, "the last sample keeps the base's shape of "
-                     "stripes or more (faint on white, as step 3 says)", first_prompt)
+        claims.check(first_prompt[1] > first_prompt[0] + STRIPED, "the last sample of the first caption is "
+                     "striped, the base model's is not", first_prompt)
     return run_dir
+
+
+# A stripe score this far above the base model's picture (same prompt, same seed) is stripes one can see: the
+# world's own striped renders score 0.40, plain ones about 0.02 (trainer/demo/metrics.py).
+STRIPED = 0.1
 
 
 def watch(page, run_dir: Path, lora: str, pictures: Pictures | None, claims: Claims) -> None:
@@ -224,7 +229,11 @@ def watch(page, run_dir: Path, lora: str, pictures: Pictures | None, claims: Cla
     claims.check(all(len(p) == 2 and p[0] == first_caption and p[1] not in captions for p in prompts),
                  f"{lora}: the samples are the first caption and a variation of it not among the captions",
                  (first_caption, prompts[-1]))
-    if pictures is not None:
+    if pictures is not None:  # the first run, the style: README step 3 says its stripes show by the midpoint
+        scores = [metrics.stripe_score(Image.open(ev["paths"][0])) for ev in (events[0], events[-1])]
+        claims.check(events[-1]["step"] <= half and scores[1] > scores[0] + STRIPED,
+                     f"{lora}: by the midpoint the first caption's sample is striped, the base model's is not",
+                     (events[-1]["step"], scores))
         pictures.take(page, "training", "#train-status", "#samples", in_view=True)
 
 
@@ -348,8 +357,8 @@ def gallery_stacked(page, studio, pictures: Pictures, claims: Claims) -> None:
     fit = metrics.best_fit(stacked)
     claims.check(fit == world.CHARACTER_SHAPE, "the stacked picture is the mushroom",
                  (fit, round(metrics.character_score(stacked), 3)))
-    # striped: three times the base model's stripe score and 0.04 above it (same prompt and seed). Measured
-    # 2026-12-05: base 0.012, stacked 0.067, the style LoRA alone 0.125 (so 47% of its gain, where #16 asks 80%).
+    # striped: three times the base model's stripe score and 0.04 above it (same prompt and seed); relative, so
+    # that it holds whatever the seed. scripts/measure_demo_loras.py measures the stacked stripes on 8 pictures.
     stripes = {name: metrics.stripe_score(im) for name, im in (("base", base), ("style", style), ("stacked", stacked))}
     claims.check(stripes["stacked"] >= max(3 * stripes["base"], stripes["base"] + 0.04),
                  "the stacked picture is striped", stripes)
