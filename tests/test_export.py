@@ -14,7 +14,9 @@ from safetensors import safe_open
 import tiny_models
 from tiny_models import export_kohya as export
 from tiny_models import lora_pipeline as trained_pipeline
-from trainer.lora_file import inspect_lora, read_lora, save_lora, text_encoder_prefixes, to_diffusers
+from trainer.export_run import export_lora
+from trainer.lora_file import inspect_lora, read_lora, save_lora, text_encoder_prefixes
+from trainer.metadata import RunInfo
 from trainer.network import lora_state
 
 KEY_RULE = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -117,16 +119,35 @@ def test_diffusers_loader_consumes_every_key_and_reproduces_our_model(exported, 
                                    atol=1e-5, rtol=1e-4)
 
 
-def test_diffusers_format_export_is_labelled_and_loads(tmp_path):
-    pipe, encoders, cfg = trained_pipeline("sd1")
+@pytest.mark.parametrize("conv_rank", [0, 2])
+def test_diffusers_format_export_is_labelled_and_loads_at_its_alpha(tmp_path, conv_rank):
+    """alpha 2 at rank 4 (and LoCon's 3x3 convolutions at rank 2, alpha 1): diffusers' loader gives the UNet and
+    text encoder we trained, not one scaled as if alpha were the rank."""
+    pipe, encoders, cfg = trained_pipeline("sd1", conv_rank=conv_rank)
+    cfg.output.format, cfg.output.save_precision = "diffusers", "fp32"
     parts = {"unet": lora_state(pipe.unet), "text_encoder": lora_state(encoders[0])}
-    path = save_lora(tmp_path / "d.safetensors", to_diffusers(parts), {"lora_studio.format": "diffusers"})
+    info = RunInfo("sd_v1", "stable-diffusion-v1/lora", "epsilon", "tiny", 10, 1, 3, 0.0, "no", "AdamW")
+    path = export_lora(cfg, parts, tmp_path / "d.safetensors", info, is_sdxl=False)
     info = inspect_lora(path)
     assert info["format"] == "diffusers" and info["family"] == "sd1"
     fresh = tiny_models.pipeline("sd1")
     fresh.load_lora_weights(str(path), adapter_name="d")
     n = sum(1 for _, m in fresh.unet.named_modules() if hasattr(m, "lora_A") and "d" in m.lora_A)
-    assert n == 192
+    downs = [t for state in parts.values() for k, t in state.items() if k.endswith("lora_A.weight")]
+    assert n == sum(k.endswith("lora_A.weight") for k in parts["unet"]) >= 192
+    # LoRA Studio's own reader takes the alphas from the header too: 1 for the 3x3 convolutions, 2 for the rest
+    n_3x3 = sum(t.dim() == 4 and t.shape[-1] == 3 for t in downs)
+    assert info["alphas"] == {"2.0": len(downs) - n_3x3, **({"1.0": n_3x3} if n_3x3 else {})}
+    assert (n_3x3 > 0) == (conv_rank > 0)
+    torch.manual_seed(1)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    ids = torch.randint(0, 49406, (1, 77))
+    with torch.no_grad():
+        ours, theirs = pipe.unet(x, t, ctx).sample, fresh.unet(x, t, ctx).sample
+        assert not torch.allclose(ours, tiny_models.pipeline("sd1").unet(x, t, ctx).sample, atol=1e-4)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fresh.text_encoder(ids).last_hidden_state, encoders[0](ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_inspect_reports_family_rank_alpha_counts(exported):

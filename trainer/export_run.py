@@ -17,7 +17,7 @@ import torch
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
 from .config import ConfigError, TrainConfig, load_config
 from .locks import output_lock
-from .lora_file import save_lora, text_encoder_prefixes, to_diffusers, to_kohya
+from .lora_file import diffusers_metadata, save_lora, text_encoder_prefixes, to_diffusers, to_kohya
 from .metadata import RunInfo, build_metadata
 from .step_guard import non_finite
 
@@ -34,6 +34,7 @@ def export_lora(cfg: TrainConfig, lora: dict[str, dict[str, torch.Tensor]], path
     if cfg.output.format == "diffusers":
         meta = {"lora_studio.format": "diffusers (loads in diffusers only, not A1111/ComfyUI)",
                 **{k: v for k, v in meta.items() if k.startswith("modelspec.")}}
+        meta["lora_adapter_metadata"] = diffusers_metadata(lora, cfg.network.alpha, cfg.network.conv_alpha)
         return save_lora(path, to_diffusers(lora, dtype), meta)
     n_te = 2 if is_sdxl else 1
     prefixes = dict(zip(part_names(n_te), text_encoder_prefixes(n_te)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections import Counter
 from pathlib import Path
@@ -64,6 +65,31 @@ def to_diffusers(parts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype =
     """PEFT states (`{"unet"|"text_encoder"|"text_encoder_2": {...}}`) → diffusers' `unet.<path>.lora_A.weight` layout."""
     return {f"{component}.{key}": t.detach().to("cpu", dtype).contiguous()
             for component, state in parts.items() for key, t in state.items()}
+
+
+def diffusers_metadata(parts: dict[str, dict[str, torch.Tensor]], alpha: float,
+                       conv_alpha: float | None = None) -> str:
+    """diffusers' `lora_adapter_metadata` header for a to_diffusers file: per part the PEFT LoraConfig (keys
+    "unet.r", "unet.lora_alpha", …). Without it diffusers takes alpha = r, so a LoRA trained at alpha 4, rank 8
+    would load twice as strong as trained. Ranks and alphas that differ from the part's commonest (LoCon's 3x3
+    convolutions: conv_rank, conv_alpha) go into rank_pattern / alpha_pattern by module path."""
+    packed: dict = {}
+    for part, state in parts.items():
+        downs = {key[:-len(".lora_A.weight")]: t for key, t in state.items() if key.endswith(".lora_A.weight")}
+        if not downs:
+            continue
+        ranks, alphas = {}, {}
+        for path, t in downs.items():
+            ranks[path] = t.shape[0]
+            is_3x3 = t.dim() == 4 and tuple(t.shape[2:]) != (1, 1)
+            alphas[path] = float(conv_alpha if is_3x3 and conv_alpha is not None else alpha)
+        r, a = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+        config = {"r": r, "lora_alpha": a, "target_modules": sorted(downs),
+                  "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
+                  "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != a},
+                  "lora_dropout": 0.0, "bias": "none", "use_dora": False, "init_lora_weights": True}
+        packed.update({f"{part}.{k}": v for k, v in config.items()})
+    return json.dumps(packed)
 
 
 def tensor_hash(data: bytes) -> str:
