@@ -29,6 +29,13 @@ quality moved by more than the proof's 10% margin):
   0.53 against the best 0.59. The rule picked step 200 (0.16): fails.
 - demo-character: 0.48 0.46 0.36 0.50 0.43 0.38 0.40 0.43 0.40 0.39. The rule picked step 200 (0.48, within 10%
   of the best 0.50), the last is 0.39, the lowest validation loss (step 2000) 0.39: all three checks pass.
+- demo-style held at the preset's rate for 2000 steps (scheduler constant_with_warmup, 8 seeds): 0.28 at step 200,
+  0.18 at 400, then broken (0.00-0.11). The rule picked step 200, the best; the lowest validation loss is at 400:
+  all three checks pass, but, as with the former preset, only because the run breaks after its first checkpoint.
+- Likeness variants tried offline on these checkpoints (stop 27): the VAE statistics of high-passed features
+  (texture only: flat areas of any tint weigh nothing) were best at step 1600 on one set of 6 captions and not on
+  another; against the training images' autoencoder round trip instead of the images, no change. Which 6 captions
+  are drawn moved every variant's ranking more than the checkpoints did.
 """
 from __future__ import annotations
 
