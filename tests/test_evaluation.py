@@ -129,12 +129,13 @@ def test_prompts_from_the_demo_captions():
     # a variation the training captions hold is not held out: the next colour
     assert variation("a red circle", ["a blue circle"]) == "a green circle"
     sample = default_sample_prompts(style)
-    assert sample == [style[0], "a blue circle on a white background, zebrastyle"]
+    # the first caption, a blue triangle on gray: red and green triangles on gray are training captions, so purple
+    assert sample == [style[0], "a purple triangle on a gray background, zebrastyle"]
     assert sample[1] not in style  # held out
     loaded = []
     prompts = evaluation_prompts(sample, [], style, lambda i: loaded.append(i) or Image.new("RGB", (8, 8)),
                                  ["zebrastyle"], count=3)
-    assert prompts.leak == ["a red circle on a white background", "a blue circle on a white background"]
+    assert prompts.leak == ["a blue triangle on a gray background", "a purple triangle on a gray background"]
     assert len(prompts.likeness) == 3 and prompts.likeness[0] == style[0] and len(set(prompts.likeness)) == 3
     assert [style[i] for i in loaded] == prompts.likeness  # only the likeness pairs' pictures are loaded
 
