@@ -34,7 +34,7 @@ def side_by_side(events: list[dict]) -> list[tuple[str, str]]:
     base = next((e for e in samples if e.get("step") == 0), None)
     latest = samples[-1]
     items = []
-    for i, _ in enumerate(latest.get("prompts", [])):
+    for i in range(len(latest.get("prompts", []))):
         if base is not None and base is not latest and i < len(base.get("paths", [])):
             items.append((base["paths"][i], sample_caption("base", i)))
         items.append((latest["paths"][i], sample_caption(f"step {latest['step']}", i)))

@@ -22,7 +22,7 @@ from app.live_generation import LiveGeneration, progress_html
 from app.tools_panel import ToolsPanel
 from app.xy_grid_panel import build_xy_grid
 from trainer.atomic import atomic_path
-from trainer.generate import SAMPLERS, Generator, LoraSpec, parse_prompt_loras
+from trainer.generate import SAMPLERS, DoubledLoraError, Generator, LoraSpec, parse_prompt_loras, with_tagged
 from trainer.lora_file import LoraFileError, inspect_lora
 from trainer.lora_formats import LoraFormatError
 
@@ -197,12 +197,13 @@ def generate(folders: Folders, live: LiveGeneration, base, prompt, negative, see
 
 
 def _refuse_doubles(gen: Generator, prompt: str, specs: list[LoraSpec]) -> None:
-    """A LoRA both in a picker and in a <lora:…> tag would get one of the two weights, silently: refuse."""
-    picked = {str(Path(s.path).resolve()) for s in specs}
-    for name, _, _ in parse_prompt_loras(prompt)[1]:
-        if str(gen.resolve(name).resolve()) in picked:
-            raise UserError(f"the LoRA '{name}' is both in a picker and in the prompt (<lora:{name}:…>): "
-                            "keep one of the two")
+    """A LoRA both in a picker and in a <lora:…> tag: the engine's rule (generate.with_tagged), checked before the
+    generation starts and said in the Gallery's words."""
+    try:
+        with_tagged(prompt, specs, gen.resolve)
+    except DoubledLoraError as e:
+        raise UserError(f"the LoRA '{e.name}' is both in a picker and in the prompt (<lora:{e.name}:…>): "
+                        "keep one of the two") from e
 
 
 def parse_weights(text: str) -> list[float]:

@@ -69,6 +69,14 @@ class LoraSpec:
         return self.unet_weight, self.unet_weight if self.te_weight is None else self.te_weight
 
 
+class DoubledLoraError(StudioError):
+    """A LoRA both in a <lora:…> tag and given apart from the prompt; `name` is the tag's."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 def with_tagged(prompt: str, loras, resolve) -> tuple[str, list["LoraSpec"]]:
     """(the prompt without its <lora:…> tags, `loras` + the tagged LoRAs); `resolve`: a tag's name → its file.
     A LoRA both in `loras` (a picker, --lora, a grid axis) and in a tag is refused: the two weights would add up
@@ -79,9 +87,9 @@ def with_tagged(prompt: str, loras, resolve) -> tuple[str, list["LoraSpec"]]:
     for name, unet, te in tagged:
         path = resolve(name)
         if str(Path(path).resolve()) in given:
-            raise StudioError(f"the LoRA '{name}' is both in the prompt (<lora:{name}:…>) and given apart from it "
-                              f"({Path(path).name}): its two weights would add up; take the tag out of the prompt, "
-                              "or the LoRA out of the mix")
+            raise DoubledLoraError(f"the LoRA '{name}' is both in the prompt (<lora:{name}:…>) and given apart from "
+                                   f"it ({Path(path).name}): its two weights would add up; take the tag out of the "
+                                   "prompt, or the LoRA out of the mix", name)
         specs.append(LoraSpec(str(path), unet, te))
     return prompt, specs
 

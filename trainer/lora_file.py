@@ -43,10 +43,17 @@ def kohya_module_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
+def module_alpha(down: torch.Tensor, alpha: float, conv_alpha: float | None) -> float:
+    """A module's alpha from its down weight: `conv_alpha` for a 3x3 convolution (LoCon), told apart by its kernel;
+    `alpha` for the rest (and for all when conv_alpha is None)."""
+    is_3x3 = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+    return float(conv_alpha if is_3x3 and conv_alpha is not None else alpha)
+
+
 def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: torch.dtype = torch.float16,
              conv_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """PEFT states (`{prefix: {"<path>.lora_A.weight": …}}`) → one kohya state dict. `conv_alpha`: the alpha of
-    3x3 convolutions (LoCon's conv_alpha), told apart by their down weight's kernel; None = `alpha` for all."""
+    3x3 convolutions (LoCon's conv_alpha; module_alpha); None = `alpha` for all."""
     out: dict[str, torch.Tensor] = {}
     for prefix, state in parts.items():
         for key, tensor in state.items():
@@ -55,9 +62,7 @@ def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float, dtype: tor
             role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
             out[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
             if role == "lora_down.weight":
-                is_3x3 = tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1)
-                a = conv_alpha if is_3x3 and conv_alpha is not None else alpha
-                out[f"{name}.alpha"] = torch.tensor(float(a), dtype=torch.float32)
+                out[f"{name}.alpha"] = torch.tensor(module_alpha(tensor, alpha, conv_alpha), dtype=torch.float32)
     return out
 
 
@@ -78,11 +83,8 @@ def diffusers_metadata(parts: dict[str, dict[str, torch.Tensor]], alpha: float,
         downs = {key[:-len(".lora_A.weight")]: t for key, t in state.items() if key.endswith(".lora_A.weight")}
         if not downs:
             continue
-        ranks, alphas = {}, {}
-        for path, t in downs.items():
-            ranks[path] = t.shape[0]
-            is_3x3 = t.dim() == 4 and tuple(t.shape[2:]) != (1, 1)
-            alphas[path] = float(conv_alpha if is_3x3 and conv_alpha is not None else alpha)
+        ranks = {path: t.shape[0] for path, t in downs.items()}
+        alphas = {path: module_alpha(t, alpha, conv_alpha) for path, t in downs.items()}
         r, a = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
         config = {"r": r, "lora_alpha": a, "target_modules": sorted(downs),
                   "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
