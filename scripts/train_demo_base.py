@@ -273,8 +273,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=8000)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=3000, help="0: stop after the autoencoder (to inspect it)")
-    ap.add_argument("--images", type=int, default=6000, help="world pictures the UNet trains on")
+    ap.add_argument("--unet-steps", type=int, default=4000, help="0: stop after the autoencoder (to inspect it)")
+    ap.add_argument("--images", type=int, default=12000, help="world pictures the UNet trains on")
     ap.add_argument("--threads", type=int, default=0, help="0: adapt to the machine's load (see adapt_threads)")
     ap.add_argument("--vae", default="", help="reuse the autoencoder of an earlier run (a diffusers folder)")
     ap.add_argument("--grid", default="", help="also write a PNG grid of prompted samples here, to check by eye")
@@ -306,13 +306,11 @@ def main(argv=None) -> None:
     for name in ("vocab.json", "merges.txt", "LICENSE"):  # the slow CLIPTokenizer's files, and their licence (MIT)
         shutil.copyfile(TOKENIZER_DIR / name, out / "tokenizer" / name)
     seconds = time.time() - start
-    (out / "README.md").write_text(
-        "# The LoRA Studio demo base model\n\nA tiny SD 1.x-topology model trained from scratch on the synthetic "
-        "shape world (trainer/demo/world.py) by scripts/train_demo_base.py; 64×64 pictures such as\n"
-        "\"a red circle on a white background\". Shapes: " + ", ".join(world.BASE_SHAPES) + "; colours: "
-        + ", ".join(world.COLOURS) + "; backgrounds: " + ", ".join(world.BACKGROUNDS) + ".\n\n"
-        f"Arguments: `{json.dumps(vars(args))}`; training took {seconds / 60:.0f} min on 2 CPU cores.\n",
-        encoding="utf-8")
+    # What made these weights, beside them. Not README.md: models/demo/README.md is the model's hand-written card
+    # (what it draws, measured), which a rerun into the committed folder must not overwrite.
+    (out / "made_by.json").write_text(json.dumps(
+        {"script": "scripts/train_demo_base.py", "arguments": vars(args), "minutes": round(seconds / 60, 1),
+         "threads": torch.get_num_threads()}, indent=1) + "\n", encoding="utf-8")
     log(f"saved {out} after {seconds / 60:.1f} min")
     if args.grid:
         check_grid(pipe, Path(args.grid))
