@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from trainer import eval_metrics as em  # noqa: E402
+from trainer.caches import encode_latents  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.judge import training_picture  # noqa: E402
@@ -40,10 +43,13 @@ def main(argv=None) -> None:
     ap.add_argument("--truth", choices=["demo-style", "demo-character"])
     ap.add_argument("--final", help="the run's exported LoRA, evaluated as its last checkpoint")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--likeness-images", type=int, default=0, help="instead of the run's evaluation.likeness_images")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.toml")
+    if args.likeness_images:
+        cfg = replace(cfg, evaluation=replace(cfg.evaluation, likeness_images=args.likeness_images))
     ds = load_dataset(cfg.data, cfg.training.seed)
     gen = Generator()
     gen.load(cfg.model.base_model or default_base_model())
@@ -60,14 +66,22 @@ def main(argv=None) -> None:
         return lambda ps, seeds: [gen.generate(p, specs, seed=s, steps=cfg.evaluation.steps, cfg=cfg.sample.cfg,
                                                width=width, height=height, sampler="euler") for p, s in zip(ps, seeds)]
 
-    ev = Evaluator(gen.pipe.vae.encoder, prompts, cfg.sample.seed)
-    ev.set_base(render_with(None))
+    vae = gen.pipe.vae
+    latents = [encode_latents(vae, em.to_pixels([im]).to(vae.device)) for im in prompts.likeness_images]
+
+    def redraw_with(lora: Path | None):
+        specs = [LoraSpec(str(lora), 1.0)] if lora else []
+        return lambda seeds: gen.redraw(prompts.likeness, latents, seeds, specs, em.REDRAW_STRENGTH,
+                                        em.redraw_steps(cfg.evaluation.steps), cfg.sample.cfg, cfg.model.clip_skip)
+
+    ev = Evaluator(vae.encoder, prompts, cfg.sample.seed)
+    ev.set_base(render_with(None), redraw_with(None))
     files = checkpoint_files(run_dir)
     if args.final:
         files.append((files[-1][0] + 1 if files else 0, Path(args.final)))
     records = []
     for step, path in files:
-        record = {"step": step, **ev.measure(render_with(path))}
+        record = {"step": step, **ev.measure(render_with(path), redraw_with(path))}
         if args.truth:
             from trainer.demo.evaluate import true_quality
             record.update({f"true_{k}": round(v, 3) for k, v in true_quality(gen, args.truth, path).items()})

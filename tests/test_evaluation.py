@@ -1,13 +1,12 @@
 """The checkpoint measures on pictures whose answer is known (trainer/eval_metrics.py, trainer/validation.py), the
 prompts derived from captions (trainer/evaluation.py) and the recommendation rule (trainer/recommend.py).
 
-Pictures are rendered by the demo world (trainer/demo/world.py): the same scenes plain and striped (another
-style, same content), moved (same style and content, other place), and other scenes. Features come from the
+Pictures are rendered by the demo world (trainer/demo/world.py): the same scenes plain, striped and checked
+(other styles, same content), shifted by a few pixels, and other scenes. Features come from the
 committed demo model's VAE, the network the trainer measures with.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +38,6 @@ def render(scenes, fill="plain"):
     return [world.render(world.with_fill(s, fill)) for s in scenes]
 
 
-def moved(scenes):
-    """The same figures elsewhere, stripes at another phase: same style and content, other pixels."""
-    return [replace(s, cx=world.SIZE - s.cx, cy=world.SIZE - s.cy, phase=s.phase + 5) for s in scenes]
-
-
 def shifted(images, by=3):
     return [Image.fromarray(np.roll(np.asarray(im), (by, by), (0, 1))) for im in images]
 
@@ -69,18 +63,31 @@ def test_picture_distance_is_zero_for_the_same_picture_and_grows_with_the_change
 
 
 def test_likeness_is_one_for_the_training_pictures_and_zero_for_the_base(encoder):
-    training = em.pictures_stats(encoder, render(SCENES, "stripes"))
-    base = em.pictures_stats(encoder, render(SCENES))  # the same content without the style
+    """The likeness of redraws: the training pictures are the striped scenes, the base model's redraws of them the
+    same scenes plain (what a base that never saw the style draws into their layout)."""
+    def f(images):
+        return em.each_features(encoder, images)
+
+    training, base = f(render(SCENES, "stripes")), f(render(SCENES))
     assert em.likeness(training, base, training) == pytest.approx(1.0)
     assert em.likeness(base, base, training) == pytest.approx(0.0)
-    # The style in other places and stripe phases is still the style; plain figures elsewhere are not.
-    style_moved = em.likeness(em.pictures_stats(encoder, render(moved(SCENES), "stripes")), base, training)
-    plain_moved = em.likeness(em.pictures_stats(encoder, render(moved(SCENES))), base, training)
-    assert style_moved > 0.8 and abs(plain_moved) < 0.2
-    # Half the pictures striped: about half-way.
-    half = render(SCENES[:6], "stripes") + render(SCENES[6:])
-    assert 0.3 < em.likeness(em.pictures_stats(encoder, half), base, training) < 0.7
-    # A base that already looks like the training pictures leaves nothing to measure.
+    # Half the pictures redrawn in the style, or every one at half strength: part of the way (measured 0.44, 0.69).
+    half = em.likeness(f(render(SCENES[:6], "stripes") + render(SCENES[6:])), base, training)
+    faint = em.likeness(f([Image.blend(a, b, 0.5) for a, b in zip(render(SCENES), render(SCENES, "stripes"))]),
+                        base, training)
+    assert 0.25 < half < 0.65 and 0.5 < faint < 0.9
+    # Another style on the same figures is not this one (checks: measured 0.29) ...
+    assert em.likeness(f(render(SCENES, "checks")), base, training) < 0.5
+    # ... nor is the style 3 pixels off: redraw and picture are compared place by place, as a redraw keeps the
+    # layout (measured -1.3; a picture of other scenes, -18).
+    assert em.likeness(f(shifted(render(SCENES, "stripes"))), base, training) < 0
+    # Pictures of several sizes (a bucketed set): each is compared with its own.
+    def sizes(images):
+        return [images[0], images[1].resize((48, 40))]
+
+    styled, plain = f(sizes(render(SCENES[:2], "stripes"))), f(sizes(render(SCENES[:2])))
+    assert em.likeness(styled, plain, styled) == pytest.approx(1.0) and em.likeness(plain, plain, styled) == 0
+    # A base that already redraws the training pictures exactly leaves nothing to measure.
     assert em.likeness(training, training, training) is None
 
 
@@ -138,6 +145,10 @@ def test_prompts_from_the_demo_captions():
     assert prompts.leak == ["a blue triangle on a gray background", "a purple triangle on a gray background"]
     assert len(prompts.likeness) == 3 and prompts.likeness[0] == style[0] and len(set(prompts.likeness)) == 3
     assert [style[i] for i in loaded] == prompts.likeness  # only the likeness pairs' pictures are loaded
+    # The likeness pictures show the style: the set's plain figures (captioned without the word) are left out.
+    assert any("zebrastyle" not in c for c in style) and all("zebrastyle" in c for c in prompts.likeness)
+    untagged = evaluation_prompts(["a"], [], ["a", "b", "c", "d"], lambda i: Image.new("RGB", (8, 8)), [], count=2)
+    assert untagged.likeness == ["a", "c"]  # no trigger word anywhere: spread over every caption
 
 
 def ev(step, likeness, leak, strength=0.1):
@@ -151,10 +162,10 @@ def test_recommendation_rule():
     # Near the best, but leaking: skipped for a later one that does not.
     runs[1] = ev(200, 0.85, 0.07)
     assert recommend(runs)["step"] == 300
-    # Every near-best checkpoint leaks: the least for its strength, and the reason says so.
-    leaky = [ev(100, 0.9, 0.08, 0.1), ev(200, 0.9, 0.06, 0.1), ev(300, 0.88, 0.09, 0.1)]
+    # Every near-best checkpoint leaks: the earliest of them, and the reason says so.
+    leaky = [ev(100, 0.5, 0.01, 0.1), ev(200, 0.9, 0.08, 0.1), ev(300, 0.9, 0.06, 0.1), ev(400, 0.88, 0.09, 0.1)]
     pick = recommend(leaky)
-    assert pick["step"] == 200 and "none leaks less" in pick["reason"]
+    assert pick["step"] == 200 and "every one of those leaks" in pick["reason"]
     assert recommend([ev(100, None, 0.0)]) is None and recommend([]) is None
     # no trigger word, no leak prompts: likeness alone decides
     unmeasured = recommend([ev(100, 0.5, None), ev(200, 0.95, None), ev(300, 1.0, None)])

@@ -75,8 +75,8 @@ def test_a_run_writes_base_samples_checkpoint_loras_evaluations_and_a_recommenda
 
 
 def test_in_loop_measures_equal_those_of_the_exported_files(workspace):
-    """The judge draws with the training modules; the same prompts and seeds drawn by diffusers' pipeline with
-    the exported LoRA file loaded give the same strength, leak and likeness."""
+    """The judge draws (and redraws) with the training modules; the same prompts and seeds drawn by diffusers'
+    pipeline with the exported LoRA file loaded give the same strength, leak and likeness."""
     cfg = config(workspace, "checked")
     loop.train(cfg)
     events = read_events(cfg.run_path())
@@ -98,8 +98,18 @@ def test_in_loop_measures_equal_those_of_the_exported_files(workspace):
         return lambda ps, seeds: [gen.generate(p, specs, seed=s, steps=cfg.evaluation.steps, cfg=cfg.sample.cfg,
                                                width=64, height=64) for p, s in zip(ps, seeds)]
 
-    ev.set_base(render(None))
-    measured = ev.measure(render(last["lora"]))
+    from trainer import eval_metrics as em
+    from trainer.caches import encode_latents
+
+    latents = [encode_latents(gen.pipe.vae, em.to_pixels([im])) for im in prompts.likeness_images]
+
+    def redraw(lora):
+        specs = [LoraSpec(str(lora), 1.0)] if lora else []
+        return lambda seeds: gen.redraw(prompts.likeness, latents, seeds, specs, em.REDRAW_STRENGTH,
+                                        em.redraw_steps(cfg.evaluation.steps), cfg.sample.cfg)
+
+    ev.set_base(render(None), redraw(None))
+    measured = ev.measure(render(last["lora"]), redraw(last["lora"]))
     assert measured["strength"] > 0.001  # the LoRA changes the pictures: a comparison that could fail
     for key in ("strength", "leak", "likeness"):
         assert measured[key] == pytest.approx(last[key], rel=0.02, abs=1e-3), key

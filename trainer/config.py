@@ -133,8 +133,9 @@ class EvaluationConfig:
     """Measured at every checkpoint (trainer/evaluation.py): the `evaluation` and `recommendation` events."""
     at_checkpoints: str = "auto"  # auto | off: auto = every checkpoint is measured and one is recommended
     leak_prompts: list[str] = field(default_factory=list)  # prompts the LoRA should leave alone; [] = the sample prompts without the trigger words
-    # Training captions drawn at each checkpoint and compared with their own images. 6, not 2: with 2 the likeness
-    # of neighbouring checkpoints swung by more than the LoRA changed (stop 26, scripts/prove_recommendation.py).
+    # Training pictures (those with the trigger word) redrawn at each checkpoint and compared with themselves
+    # (eval_metrics.likeness). 6, not 2: with 2 the likeness of neighbouring checkpoints swung by more than the LoRA
+    # changed (stop 26, scripts/prove_recommendation.py).
     likeness_images: int = 6
     # Denoising steps of its pictures (sample.cfg, sample.seed): like is compared with like, so fewer than samples'.
     # 6: with 6 likeness pictures, evaluation stays within 15% of the demo run's training time (measured 12.8%, at

@@ -9,8 +9,8 @@ Prompts:
 - sample prompts: the config's, else the first caption and one held-out variation of it (its first colour word
   changed, so a user sees whether the LoRA follows the prompt or only repeats its training pictures);
 - leak prompts: the config's, else the sample prompts with the trigger words taken out;
-- likeness prompts: up to evaluation.likeness_images training captions, spread over the set, each paired with
-  its image.
+- likeness: up to evaluation.likeness_images training pictures, spread over the set, each redrawn with its own
+  caption (eval_metrics.likeness).
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "purple", "purple": "green
                "gray": "red", "grey": "red", "blonde": "black", "silver": "red", "gold": "blue"}
 
 Render = Callable[[list[str], list[int]], list[Image.Image]]  # (prompts, seeds) → pictures, one per prompt
+# (seeds) → the likeness pictures redrawn (img2img at eval_metrics.REDRAW_STRENGTH) with their captions, in the
+# order of Prompts.likeness; the caller holds the pictures (as latents) and their captions' embeddings.
+Redraw = Callable[[list[int]], list[Image.Image]]
 
 
 def trigger_words(captions: list[str], configured: str) -> list[str]:
@@ -75,7 +78,7 @@ def default_sample_prompts(captions: list[str]) -> list[str]:
 class Prompts:
     sample: list[str]  # strength: the LoRA on these should differ from the base
     leak: list[str]  # these it should leave alone
-    likeness: list[str]  # training captions, paired with likeness_images
+    likeness: list[str]  # training captions, paired with likeness_images: what each is redrawn with
     likeness_images: list[Image.Image] = field(default_factory=list)
 
 
@@ -83,9 +86,15 @@ def evaluation_prompts(sample: list[str], leak: list[str], captions: list[str],
                        picture: Callable[[int], Image.Image], triggers: list[str],
                        count: int) -> Prompts:
     """The three prompt sets; `picture(i)` is the training picture of `captions[i]` (only the likeness pairs'
-    are loaded); count: evaluation.likeness_images."""
+    are loaded); count: evaluation.likeness_images.
+
+    The likeness pictures are spread over the captions that hold a trigger word (all captions when none does):
+    those show what the LoRA is to learn. Pictures captioned without it (the demo style sets' plain figures, a
+    set's pictures of the class alone) show what it should leave as it was; the base already redraws them well,
+    so in the likeness they would weigh what the LoRA changes there, which is the leak's question, not its own."""
     leak = leak or [p for p in dict.fromkeys(without(p, triggers) for p in sample) if p and p not in sample]
-    picks = sorted({round(i * len(captions) / count) for i in range(min(count, len(captions)))})
+    teaching = [i for i, c in enumerate(captions) if without(c, triggers) != c] or list(range(len(captions)))
+    picks = [teaching[k] for k in sorted({round(i * len(teaching) / count) for i in range(min(count, len(teaching)))})]
     return Prompts(sample, leak, [captions[i] for i in picks], [picture(i) for i in picks])
 
 
@@ -94,35 +103,40 @@ class Evaluator:
 
     def __init__(self, encoder, prompts: Prompts, seed: int):
         self.encoder, self.prompts, self.seed = encoder, prompts, seed  # encoder: the VAE's (features)
-        self.training = em.pictures_stats(encoder, prompts.likeness_images) if prompts.likeness_images else None
+        self.training = em.each_features(encoder, prompts.likeness_images) if prompts.likeness_images else None
         self.base: dict[str, list] | None = None
         self.base_pictures: list[Image.Image] = []
         self.last_pictures: list[Image.Image] = []
 
     def all_prompts(self) -> tuple[list[str], list[int]]:
-        """Every prompt drawn at a checkpoint, each once, with its seed (seed + its place in the list)."""
-        prompts = list(dict.fromkeys(self.prompts.sample + self.prompts.leak + self.prompts.likeness))
+        """Every prompt drawn from noise at a checkpoint, each once, with its seed (seed + its place in the list)."""
+        prompts = list(dict.fromkeys(self.prompts.sample + self.prompts.leak))
         return prompts, [self.seed + i for i in range(len(prompts))]
 
-    def _draw(self, render: Render) -> tuple[dict[str, Image.Image], dict[str, list]]:
+    def redraw_seeds(self) -> list[int]:
+        """The noise of each likeness picture's redraw: the same at every checkpoint, and for the base."""
+        return [self.seed + 1000 + i for i in range(len(self.prompts.likeness))]
+
+    def _draw(self, render: Render, redraw: Redraw | None) -> tuple[dict[str, Image.Image], dict[str, list]]:
         prompts, seeds = self.all_prompts()
-        pictures = dict(zip(prompts, render(prompts, seeds)))
+        pictures = dict(zip(prompts, render(prompts, seeds))) if prompts else {}
         feats = {name: em.vae_features(self.encoder, [pictures[p] for p in group])
                  for name, group in (("sample", self.prompts.sample), ("leak", self.prompts.leak)) if group}
-        if self.prompts.likeness:
-            feats["likeness"] = em.pictures_stats(self.encoder, [pictures[p] for p in self.prompts.likeness])
+        if self.training and redraw is not None:
+            feats["likeness"] = em.each_features(self.encoder, redraw(self.redraw_seeds()))
         return pictures, feats
 
-    def set_base(self, render: Render) -> list[Image.Image]:
-        """The base model's pictures (a LoRA at step 0 is the identity): what strength and leak are measured from."""
-        pictures, self.base = self._draw(render)
+    def set_base(self, render: Render, redraw: Redraw | None = None) -> list[Image.Image]:
+        """The base model's pictures (a LoRA at step 0 is the identity): what strength, leak and likeness are
+        measured from."""
+        pictures, self.base = self._draw(render, redraw)
         self.base_pictures = list(pictures.values())
         return self.base_pictures
 
-    def measure(self, render: Render) -> dict:
-        """strength, leak, likeness of the model `render` draws with (see eval_metrics)."""
+    def measure(self, render: Render, redraw: Redraw | None = None) -> dict:
+        """strength, leak, likeness of the model `render` and `redraw` draw with (see eval_metrics)."""
         assert self.base is not None, "set_base first"
-        pictures, feats = self._draw(render)
+        pictures, feats = self._draw(render, redraw)
         self.last_pictures = [pictures[p] for p in self.prompts.sample]  # the sample prompts', for the UI
         out: dict = {}
         for name in ("sample", "leak"):
@@ -130,7 +144,7 @@ class Evaluator:
                 value = float(em.picture_distance(feats[name], self.base[name]).mean())
                 out["strength" if name == "sample" else "leak"] = round(value, 5)
         out.setdefault("leak", None)
-        if "likeness" in feats:
+        if "likeness" in feats and "likeness" in self.base:
             value = em.likeness(feats["likeness"], self.base["likeness"], self.training)
             out["likeness"] = None if value is None else round(value, 4)
         return out

@@ -7,6 +7,8 @@ without LoRAs; lora_mix.py keeps W0 to restore the base exactly. Files are read 
 """
 from __future__ import annotations
 
+import inspect
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,8 @@ from typing import Callable
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+                       EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 from PIL import Image, ImageDraw
 
 from .conditioning import encode_text, from_unet_latents
@@ -144,6 +147,34 @@ def render_embeds(pipe, embeds: dict[str, torch.Tensor], seed: int = 0, steps: i
     return decode_latents(pipe, latents)
 
 
+@torch.no_grad()
+def redraw_embeds(pipe, embeds: list[dict[str, torch.Tensor]], latents: list[torch.Tensor], seeds: list[int],
+                  strength: float, steps: int, cfg: float) -> list[Image.Image]:
+    """Each picture redrawn by the pipeline's model (img2img, SDEdit): its latents (the UNet's space, [1, C, h, w],
+    as trainer/caches.encode_latents gives them) noised to `strength` of the schedule with its own seed, then
+    `steps` Euler steps with its prompt's embeddings. Pictures of one size are drawn in one batch."""
+    cls = StableDiffusionXLImg2ImgPipeline if isinstance(pipe, StableDiffusionXLPipeline) else StableDiffusionImg2ImgPipeline
+    # Built from the pipeline's parts (shared, not copied); not cls.from_pipe, which casts them and warns each time.
+    takes = inspect.signature(cls.__init__).parameters
+    i2i = cls(**{k: v for k, v in pipe.components.items() if k in takes},
+              **({"requires_safety_checker": False} if "requires_safety_checker" in takes else {}))
+    i2i.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    i2i.set_progress_bar_config(disable=True)
+    total = max(steps, math.ceil(steps / strength - 1e-9))  # the pipeline runs int(total × strength) of them
+    out: dict[int, Image.Image] = {}
+    sizes: dict[tuple, list[int]] = {}
+    for i, lat in enumerate(latents):
+        sizes.setdefault(tuple(lat.shape[-2:]), []).append(i)
+    dtype, device = pipe.unet.dtype, pipe.unet.device
+    for group in sizes.values():
+        batch = {k: torch.cat([embeds[i][k] for i in group]).to(device, dtype) for k in embeds[group[0]]}
+        drawn = i2i(**batch, image=torch.cat([latents[i] for i in group]).to(device, dtype), strength=strength,
+                    num_inference_steps=total, guidance_scale=cfg, output_type="latent",
+                    generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in group]).images
+        out.update({i: decode_latents(pipe, drawn[k:k + 1]) for k, i in enumerate(group)})
+    return [out[i] for i in range(len(latents))]
+
+
 def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
     """Latents → picture, in the VAE's own dtype with autocast off. The pipelines cast latents to the VAE only when
     the VAE is fp16: with an fp16 UNet and the fp32 VAE we keep (the SD VAEs overflow in fp16) they would pass fp16
@@ -262,6 +293,16 @@ class Generator:
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return render(self.pipe, prompt, negative_prompt, seed, steps, cfg, width or size, height or size, clip_skip,
                       progress)
+
+    def redraw(self, captions: list[str], latents: list[torch.Tensor], seeds: list[int], loras: list[LoraSpec] = (),
+               strength: float = 0.6, steps: int = 6, cfg: float = 7.0, clip_skip: int = 1) -> list[Image.Image]:
+        """redraw_embeds with this pipeline and LoRA mix: each latent redrawn with its caption."""
+        self.set_loras(list(loras))
+        pipe = self.pipe
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+        embeds = [encode_prompt(encoders, tokenizers, c, "", clip_skip) for c in captions]
+        return redraw_embeds(pipe, embeds, latents, seeds, strength, steps, cfg)
 
     def generate_batch(self, pictures: list, **kwargs) -> list[Image.Image]:
         """Pictures each with its own LoRA mix and seed, rendered together (trainer/batched_mix.py); each equals

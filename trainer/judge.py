@@ -1,10 +1,10 @@
-"""The training loop's evaluation of its checkpoints: draws the evaluation prompts with the run's own modules,
-measures them (trainer/evaluation.py), computes the validation loss (trainer/validation.py) and writes the
+"""The training loop's evaluation of its checkpoints: draws the evaluation prompts and redraws the likeness pictures
+with the run's own modules, measures them (trainer/evaluation.py), computes the validation loss (trainer/validation.py) and writes the
 `evaluation` and `recommendation` events (trainer/recommend.py).
 
 Built during set-up, before the caches free what it needs: the VAE's encoder (the feature network; kept while
-evaluation is on, 0.14 GB for SD's in fp32) and, when the text encoders are frozen, the embeddings of its prompts
-and of the validation captions. Runs on the main process only, like samples.
+evaluation is on, 0.14 GB for SD's in fp32), the likeness pictures' latents and, when the text encoders are frozen,
+the embeddings of its prompts, of the likeness captions and of the validation captions. Runs on the main process only, like samples.
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from PIL import Image
 
 from .conditioning import encode_text, sdxl_time_ids
 from .data import Dataset, Draw, load_dataset
+from . import eval_metrics as em
 from .evaluation import Evaluator, default_sample_prompts, evaluation_prompts, trigger_words  # noqa: F401 (loop)
 from .events import read_events
 from .atomic import atomic_path
 from .caches import encode_latents
-from .generate import decode_latents, encode_prompt, make_pipeline
+from .generate import decode_latents, encode_prompt, make_pipeline, redraw_embeds
 from .recommend import recommend
 from .validation import fixed_noise, validation_loss
 
@@ -70,6 +71,9 @@ class Judge:
                                      trigger_words(captions, cfg.data.trigger_word), cfg.evaluation.likeness_images)
         self.encoder = base.vae.encoder  # kept here: the latent cache drops it from the VAE
         self.evaluator = Evaluator(self.encoder, prompts, cfg.sample.seed)
+        # The likeness pictures as latents, encoded now (the cache may free the VAE's encoder): what redraw() noises.
+        self.likeness_latents = [encode_latents(base.vae, em.to_pixels([im]).to(self.device)).float().cpu()
+                                 for im in prompts.likeness_images]
         self.validation_on = "held-out images" if held_out or cfg.evaluation.validation_dir else "training images"
         source = self._validation_set(ds, held_out)
         self.val_latents = [self._encode_latent(source, i) for i in range(len(source.images))]
@@ -79,7 +83,7 @@ class Judge:
         self.val_text: list = []
         self.frozen_text = not cfg.network.train_text_encoder
         if self.frozen_text:  # the encoders may be freed after set-up: encode everything now
-            self.embeds = {p: self._embed(p) for p in self.evaluator.all_prompts()[0]}
+            self.embeds = {p: self._embed(p) for p in self.evaluator.all_prompts()[0] + prompts.likeness}
             self.val_text = [self._text(c) for c in self.val_captions]
         self.history: list[dict] = []
         self.seconds = 0.0  # evaluation time so far, for its share of the run
@@ -113,21 +117,37 @@ class Judge:
 
     # ---- drawing and measuring -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        """All prompts in one batch (one generator per picture: the same pictures as one by one)."""
-        cfg, base = self.cfg, self.base
+    def _pipeline(self):
+        base = self.base
         encoders = [None] * len(base.text_encoders) if self.frozen_text else base.text_encoders
         pipe = make_pipeline(base.unet, base.vae, encoders, base.tokenizers, base.noise_scheduler, "euler")
         pipe.set_progress_bar_config(disable=True)
-        embeds = [self.embeds[p] if self.frozen_text else self._embed(p) for p in prompts]
-        batch = {k: torch.cat([e[k] for e in embeds]).to(self.device, base.unet.dtype) for k in embeds[0]}
+        return pipe
+
+    def _embeds(self, prompts: list[str]) -> list[dict]:
+        return [self.embeds[p] if self.frozen_text else self._embed(p) for p in prompts]
+
+    @torch.no_grad()
+    def render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """All prompts in one batch (one generator per picture: the same pictures as one by one)."""
+        cfg, pipe = self.cfg, self._pipeline()
+        embeds = self._embeds(prompts)
+        batch = {k: torch.cat([e[k] for e in embeds]).to(self.device, self.base.unet.dtype) for k in embeds[0]}
         size = (cfg.sample.width or cfg.data.resolution, cfg.sample.height or cfg.data.resolution)
         with self.accelerator.autocast():
             latents = pipe(**batch, num_inference_steps=cfg.evaluation.steps, guidance_scale=cfg.sample.cfg,
                            width=size[0], height=size[1], output_type="latent",
                            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
         return [decode_latents(pipe, latents[i:i + 1]) for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def redraw(self, seeds: list[int]) -> list[Image.Image]:
+        """The likeness pictures redrawn by the model as it is now, each with its caption (eval_metrics.likeness):
+        Euler steps from REDRAW_STRENGTH of the schedule (eval_metrics.redraw_steps)."""
+        with self.accelerator.autocast():
+            return redraw_embeds(self._pipeline(), self._embeds(self.evaluator.prompts.likeness),
+                                 self.likeness_latents, seeds, em.REDRAW_STRENGTH,
+                                 em.redraw_steps(self.cfg.evaluation.steps), self.cfg.sample.cfg)
 
     @torch.no_grad()
     def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, images: list[int]) -> torch.Tensor:
@@ -156,7 +176,7 @@ class Judge:
         if resumed:
             self.history = [e for e in read_events(events_dir) if e.get("event") == "evaluation" and e["step"] <= step]
         with _eval_mode(parts), _adapters_off(parts):
-            pictures = self.evaluator.set_base(self.render)
+            pictures = self.evaluator.set_base(self.render, self.redraw)
         self.seconds += time.time() - began
         return pictures
 
@@ -165,7 +185,7 @@ class Judge:
         evaluation's seconds so far over the rest of the run's)."""
         began = time.time()
         with _eval_mode(parts):
-            measured = self.evaluator.measure(self.render)
+            measured = self.evaluator.measure(self.render, self.redraw)
             loss = validation_loss(self._predict, self.val_latents, self.base.noise_scheduler, self.val_noise)
         self.seconds += time.time() - began
         pictures = []
