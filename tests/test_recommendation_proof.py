@@ -4,8 +4,9 @@ checkpoint measured by the trainer as it trains, then every checkpoint's true qu
 shape kept × background kept, trainer/demo/evaluate.true_quality). Opt-in (`-m proof`): two 2000-step trainings,
 about 25 minutes on a 2-core CPU.
 
-It fails today (issue #15 is open): with the demo preset of 2026-12-05 the style's true quality rises to step 1600
-and the rule, led by likeness, picks step 200; scripts/prove_recommendation.py's docstring has the numbers.
+The style fails today (issue #15 is open): its true quality rises to a plateau from step 1000 and the rule picks
+step 1000, 87% of the best checkpoint's (step 1600); the character passes. scripts/prove_recommendation.py's
+docstring has the numbers.
 
     python launch.py --test tests/test_recommendation_proof.py -m proof
 """

@@ -138,8 +138,9 @@ class EvaluationConfig:
     # changed (stop 26, scripts/prove_recommendation.py).
     likeness_images: int = 6
     # Denoising steps of its pictures (sample.cfg, sample.seed): like is compared with like, so fewer than samples'.
-    # 6: with 6 likeness pictures, evaluation stays within 15% of the demo run's training time (measured 12.8%, at
-    # 8 steps 15.1%; scripts/measure_evaluation_cost.py).
+    # The redraws take the part of these below eval_metrics.REDRAW_STRENGTH (4 of 6). 6: evaluation stays within
+    # 15% of the demo run's training time (measured 12.8% idle, at 8 steps 15.1%, before the redraws; with them the
+    # same share as before, side by side: scripts/measure_evaluation_cost.py).
     steps: int = 6
     validation_dir: str = ""  # held-out images with captions for the validation loss ("" = data.validation_split)
     validation_images: int = 4  # at most this many images in the validation loss (8 timesteps each: one model call)
