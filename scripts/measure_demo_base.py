@@ -1,6 +1,7 @@
 """Measure what the demo base model draws: the numbers in models/demo/README.md and the README.
 
     .venv/bin/python scripts/measure_demo_base.py [--model models/demo] [--cfg X --steps N] [--grid out.png]
+        [--more-seeds K]
 
 With no --cfg/--steps it uses what a newcomer gets: the Generator's defaults for this model (the CLI's and the
 Gallery's). Over the 30 prompts of tests/test_demo_world.py (each base shape in six colour/background pairs, one
@@ -39,12 +40,13 @@ def judge(image, shape: str, colour: str, bg: str) -> dict[str, float]:
             "edge": metrics.edge_width(image)}
 
 
-def measure_base(generator, steps: int | None = None, cfg: float | None = None) -> tuple[dict, list]:
-    """Counts over the 30 prompts and the pictures; steps/cfg None = the Generator's defaults for the model."""
+def measure_base(generator, steps: int | None = None, cfg: float | None = None, offset: int = 0) -> tuple[dict, list]:
+    """Counts over the 30 prompts and the pictures; steps/cfg None = the Generator's defaults for the model; offset:
+    added to every prompt's seed (other pictures of the same prompts)."""
     kwargs = {k: v for k, v in (("steps", steps), ("cfg", cfg)) if v is not None}
     rows, images = [], []
     for shape, colour, bg, seed in prompts():
-        image = generator.generate(f"a {colour} {shape} on a {bg} background", [], seed=seed, **kwargs)
+        image = generator.generate(f"a {colour} {shape} on a {bg} background", [], seed=seed + offset, **kwargs)
         rows.append(judge(image, shape, colour, bg))
         images.append(image)
     total = {k: int(sum(r[k] for r in rows)) for k in ("shape", "colour", "background")}
@@ -87,11 +89,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--grid", default="", help="write the 30 pictures here (rows: shapes; columns: PAIRS)")
+    ap.add_argument("--more-seeds", type=int, default=0,
+                    help="also count the 30 prompts at this many more seed offsets (+1000, +2000, ...)")
     args = ap.parse_args(argv)
     start = time.time()
     gen = Generator()
     gen.load(Path(args.model))
     total, images = measure_base(gen, args.steps, args.cfg)
+    for k in range(1, args.more_seeds + 1):
+        total[f"seeds+{1000 * k}"] = measure_base(gen, args.steps, args.cfg, 1000 * k)[0]
     total["autoencoder"] = measure_autoencoder(gen.pipe.vae)
     total["world_edge_width"] = round(float(np.mean([metrics.edge_width(world.render(s))
                                                      for s in world.scenes(48, 5)])), 2)
