@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

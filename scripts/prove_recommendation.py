@@ -45,12 +45,12 @@ in-loop measures: tests/test_judge.py), against the 32-seed truth above:
   checkpoints are broken, up with the stripes, highest at step 1600, the truth's best. Every checkpoint leaks more
   than half its strength (pictures without the trigger are laid out anew as much as its own), so the rule takes
   the earliest within 10% of the best likeness: step 1000, quality 0.51, 87% of the best (0.59): fails by 3 points.
-  At 96 seeds (true_quality with seeds range(96); the first 32 are the yardstick's) step 1000 is 0.49, 1400 0.48, 1600 0.55,
-  1800 0.50: the 32-seed 0.59 at step 1600 was a lucky draw, and 1000 is at 90% of the best.
+  At 96 seeds (true_quality with seeds range(96); the first 32 are the yardstick's) step 1000 is 0.49, 1400
+  0.48, 1600 0.55, 1800 0.50: the 32-seed 0.59 at step 1600 was a lucky draw, and 1000 is at 90% of the best.
 - demo-character: likeness 0.74 0.56 0.71 0.67 0.75 0.70 0.67 0.68 0.67 0.67; the rule takes step 200 (0.48, the
   best 0.50, the last 0.39, the lowest validation loss at step 2000 0.39): all three checks pass.
-- With 12 likeness pictures (--likeness-images 12, redraws of 6 steps) the style picks step 1400 (0.48) and the character step 800
-  (0.50): which pictures are redrawn still moves the pick by a checkpoint or two on a plateau.
+- With 12 likeness pictures (--likeness-images 12, redraws of 6 steps) the style picks step 1400 (0.48) and
+  the character step 800 (0.50): which pictures are redrawn still moves the pick by a checkpoint or two on a plateau.
 - Held at a constant rate (2e-3 or the preset's 5e-3), a run's checkpoints are unannealed iterates: the likeness
   swings from checkpoint to checkpoint (2e-3: -0.17 to 0.34) and the rule picks a middling one (2e-3: step 800,
   quality 0.31 at 8 seeds; the best 0.54 at step 2000).

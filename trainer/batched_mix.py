@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .conditioning import encode_text
+from .conditioning import encode_text, text_parts
 from .errors import StudioError
 
 
@@ -186,8 +186,7 @@ def render_latents(pipe, pictures: list[Picture], files: dict[str, list], steps:
     """The pictures' final latents [B, C, h, w] in one pipeline call. `files` maps each LoraSpec.path of the
     pictures' mixes to its module entries. The pipeline's own LoRAs must be off (base weights)."""
     paths = list(files)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
+    encoders, tokenizers = text_parts(pipe)
     with SampleMixes(pipe_parts(pipe), [files[p] for p in paths]) as mixes:
         embeds = encode_mixed(mixes, encoders, tokenizers, pictures, weight_matrix(pictures, paths, te=True), clip_skip)
         mixes.set_weights("unet", weight_matrix(pictures, paths, te=False))

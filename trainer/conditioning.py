@@ -22,6 +22,13 @@ def _final_norm(text_encoder) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
 
+def text_parts(pipe) -> tuple[list, list]:
+    """A diffusers pipeline's text encoders and tokenizers, in encode_text's order (SDXL's two, else one)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    return [pipe.text_encoder], [pipe.tokenizer]
+
+
 def encode_text(text_encoders: list, tokenizers: list, captions: list[str], clip_skip: int = 1,
                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Captions → (prompt_embeds [B, 77, D], pooled [B, P] for SDXL else None)."""

@@ -117,23 +117,23 @@ class Evaluator:
         """The noise of each likeness picture's redraw: the same at every checkpoint, and for the base."""
         return [self.seed + 1000 + i for i in range(len(self.prompts.likeness))]
 
-    def _draw(self, render: Render, redraw: Redraw | None) -> tuple[dict[str, Image.Image], dict[str, list]]:
+    def _draw(self, render: Render, redraw: Redraw) -> tuple[dict[str, Image.Image], dict[str, list]]:
         prompts, seeds = self.all_prompts()
         pictures = dict(zip(prompts, render(prompts, seeds))) if prompts else {}
         feats = {name: em.vae_features(self.encoder, [pictures[p] for p in group])
                  for name, group in (("sample", self.prompts.sample), ("leak", self.prompts.leak)) if group}
-        if self.training and redraw is not None:
+        if self.training:
             feats["likeness"] = em.each_features(self.encoder, redraw(self.redraw_seeds()))
         return pictures, feats
 
-    def set_base(self, render: Render, redraw: Redraw | None = None) -> list[Image.Image]:
+    def set_base(self, render: Render, redraw: Redraw) -> list[Image.Image]:
         """The base model's pictures (a LoRA at step 0 is the identity): what strength, leak and likeness are
         measured from."""
         pictures, self.base = self._draw(render, redraw)
         self.base_pictures = list(pictures.values())
         return self.base_pictures
 
-    def measure(self, render: Render, redraw: Redraw | None = None) -> dict:
+    def measure(self, render: Render, redraw: Redraw) -> dict:
         """strength, leak, likeness of the model `render` and `redraw` draw with (see eval_metrics)."""
         assert self.base is not None, "set_base first"
         pictures, feats = self._draw(render, redraw)
@@ -144,7 +144,7 @@ class Evaluator:
                 value = float(em.picture_distance(feats[name], self.base[name]).mean())
                 out["strength" if name == "sample" else "leak"] = round(value, 5)
         out.setdefault("leak", None)
-        if "likeness" in feats and "likeness" in self.base:
+        if "likeness" in feats:
             value = em.likeness(feats["likeness"], self.base["likeness"], self.training)
             out["likeness"] = None if value is None else round(value, 4)
         return out

@@ -20,7 +20,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 from PIL import Image, ImageDraw
 
-from .conditioning import encode_text, from_unet_latents
+from .conditioning import encode_text, from_unet_latents, text_parts
 from .errors import StudioError
 from .lora_file import LoraFileError
 from .lora_formats import ModuleDelta, module_deltas, read_lora
@@ -153,7 +153,8 @@ def redraw_embeds(pipe, embeds: list[dict[str, torch.Tensor]], latents: list[tor
     """Each picture redrawn by the pipeline's model (img2img, SDEdit): its latents (the UNet's space, [1, C, h, w],
     as trainer/caches.encode_latents gives them) noised to `strength` of the schedule with its own seed, then
     `steps` Euler steps with its prompt's embeddings. Pictures of one size are drawn in one batch."""
-    cls = StableDiffusionXLImg2ImgPipeline if isinstance(pipe, StableDiffusionXLPipeline) else StableDiffusionImg2ImgPipeline
+    sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+    cls = StableDiffusionXLImg2ImgPipeline if sdxl else StableDiffusionImg2ImgPipeline
     # Built from the pipeline's parts (shared, not copied); not cls.from_pipe, which casts them and warns each time.
     takes = inspect.signature(cls.__init__).parameters
     i2i = cls(**{k: v for k, v in pipe.components.items() if k in takes},
@@ -188,9 +189,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
 def render(pipe, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
            width: int = 512, height: int = 512, clip_skip: int = 1, progress: Progress | None = None) -> Image.Image:
     """One image from a pipeline that has its text encoders."""
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
-    embeds = encode_prompt(encoders, tokenizers, prompt, negative_prompt, clip_skip)
+    embeds = encode_prompt(*text_parts(pipe), prompt, negative_prompt, clip_skip)
     return render_embeds(pipe, embeds, seed, steps, cfg, width, height, progress)
 
 
@@ -298,11 +297,8 @@ class Generator:
                strength: float = 0.6, steps: int = 6, cfg: float = 7.0, clip_skip: int = 1) -> list[Image.Image]:
         """redraw_embeds with this pipeline and LoRA mix: each latent redrawn with its caption."""
         self.set_loras(list(loras))
-        pipe = self.pipe
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
-        embeds = [encode_prompt(encoders, tokenizers, c, "", clip_skip) for c in captions]
-        return redraw_embeds(pipe, embeds, latents, seeds, strength, steps, cfg)
+        embeds = [encode_prompt(*text_parts(self.pipe), c, "", clip_skip) for c in captions]
+        return redraw_embeds(self.pipe, embeds, latents, seeds, strength, steps, cfg)
 
     def generate_batch(self, pictures: list, **kwargs) -> list[Image.Image]:
         """Pictures each with its own LoRA mix and seed, rendered together (trainer/batched_mix.py); each equals

@@ -1,10 +1,11 @@
-"""The training loop's evaluation of its checkpoints: draws the evaluation prompts and redraws the likeness pictures
-with the run's own modules, measures them (trainer/evaluation.py), computes the validation loss (trainer/validation.py) and writes the
-`evaluation` and `recommendation` events (trainer/recommend.py).
+"""The training loop's evaluation of its checkpoints: draws the evaluation prompts and redraws the likeness
+pictures with the run's own modules, measures them (trainer/evaluation.py), computes the validation loss
+(trainer/validation.py) and writes the `evaluation` and `recommendation` events (trainer/recommend.py).
 
 Built during set-up, before the caches free what it needs: the VAE's encoder (the feature network; kept while
 evaluation is on, 0.14 GB for SD's in fp32), the likeness pictures' latents and, when the text encoders are frozen,
-the embeddings of its prompts, of the likeness captions and of the validation captions. Runs on the main process only, like samples.
+the embeddings of its prompts, of the likeness captions and of the validation captions. Runs on the main process
+only, like samples.
 """
 from __future__ import annotations
 
