@@ -87,8 +87,9 @@ def test_likeness_is_one_for_the_training_pictures_and_zero_for_the_base(encoder
 
     styled, plain = f(sizes(render(SCENES[:2], "stripes"))), f(sizes(render(SCENES[:2])))
     assert em.likeness(styled, plain, styled) == pytest.approx(1.0) and em.likeness(plain, plain, styled) == 0
-    # A base that already redraws the training pictures exactly leaves nothing to measure.
+    # A base that already redraws the training pictures exactly leaves nothing to measure; NaN redraws measure nothing.
     assert em.likeness(training, training, training) is None
+    assert em.likeness([[torch.full_like(f, float("nan")) for f in per] for per in training], base, training) is None
 
 
 def test_validation_loss_is_deterministic_and_zero_for_a_perfect_model():
@@ -167,6 +168,8 @@ def test_recommendation_rule():
     pick = recommend(leaky)
     assert pick["step"] == 200 and "every one of those leaks" in pick["reason"]
     assert recommend([ev(100, None, 0.0)]) is None and recommend([]) is None
+    # a checkpoint whose likeness is not a number is passed over, not the end of the rule
+    assert recommend([ev(100, float("nan"), 0.0), ev(200, 0.5, 0.01)])["step"] == 200
     # no trigger word, no leak prompts: likeness alone decides
     unmeasured = recommend([ev(100, 0.5, None), ev(200, 0.95, None), ev(300, 1.0, None)])
     assert unmeasured["step"] == 200 and "no leak was measured" in unmeasured["reason"]

@@ -81,7 +81,8 @@ def likeness(redrawn: list[list[torch.Tensor]], base_redrawn: list[list[torch.Te
     redraws of its training pictures come to those pictures than the base model's do, from each_features of
     pictures paired by index (training picture i, the model's and the base's redraw of it: same noise, same
     caption). The base model's redraws score 0, the training pictures themselves 1 (a redraw that gives the picture
-    back), below 0 is further away than the base. None when the base already redraws them exactly.
+    back), below 0 is further away than the base. None when the base already redraws them exactly, or when a
+    redraw is not finite.
 
     Why redraws (img2img from the training picture at REDRAW_STRENGTH), not pictures drawn from noise: a redraw
     keeps the picture's layout (where the figure stands, how large), so the two pictures can be compared position
@@ -95,6 +96,7 @@ def likeness(redrawn: list[list[torch.Tensor]], base_redrawn: list[list[torch.Te
         return float(np.mean([float(picture_distance(a, b).mean()) for a, b in zip(pictures, training, strict=True)]))
 
     reach = mean_distance(base_redrawn)
-    if reach < 1e-6:
+    if not reach >= 1e-6:  # also NaN
         return None
-    return 1.0 - mean_distance(redrawn) / reach
+    value = 1.0 - mean_distance(redrawn) / reach
+    return value if math.isfinite(value) else None  # NaN pictures: nothing measured (events stay valid JSON)

@@ -16,6 +16,8 @@ world's true quality.
 """
 from __future__ import annotations
 
+import math
+
 MARGIN = 0.1  # of the best likeness: checkpoints within it have learnt the look about equally well
 LEAK_SHARE = 0.5  # a low leak: at most this share of the strength
 
@@ -23,7 +25,9 @@ LEAK_SHARE = 0.5  # a low leak: at most this share of the strength
 def recommend(evaluations: list[dict], margin: float = MARGIN, leak_share: float = LEAK_SHARE) -> dict | None:
     """{"step", "reason"} for a list of `evaluation` events (step, strength, leak, likeness); None without any
     checkpoint whose likeness was measured."""
-    rated = sorted((e for e in evaluations if e.get("likeness") is not None), key=lambda e: e["step"])
+    # a likeness that is not a finite number (a checkpoint whose pictures came out NaN) rates nothing
+    rated = sorted((e for e in evaluations if e.get("likeness") is not None and math.isfinite(e["likeness"])),
+                   key=lambda e: e["step"])
     if not rated:
         return None
     best = max(rated, key=lambda e: e["likeness"])
